@@ -9,13 +9,611 @@ from __future__ import annotations
 from tinygrad import Tensor
 
 def applies(x:Tensor) -> bool:
-  # the kernels below are used when they exist for this input; until then mc.py runs its references
-  return False
+  # the kernels take (B,H,L,D) inputs of any float dtype on any device; anything else runs mc.py's references
+  return x.ndim == 4 and x.is_floating_point()
 
 # **** chunk_scan ****
-# (owned by the chunk_scan work: edit only inside this section)
+# The chunkwise-parallel scan of the linear cores la and swla (Eqs. 12, 28-29), forward and backward, as UOp kernels.
+# A row n = (batch, head) of Lp = Nc*T tokens is cut into chunks of T tokens; G = log a summed from the chunk start (inclusive).
+# swla is gated linear attention with two sources per token, l_t v_t k_t^T and b_t v_{t-1} k_{t-1}^T, both decaying from t:
+#   M_t = exp(G_t) Mp_c + sum_{j<=t in chunk c} exp(G_t - G_j) (l_j v_j k_j^T + b_j v_{j-1} k_{j-1}^T),   o_t = M_t q_t
+# where Mp_c is the state chunk c starts from; la is G = 0, l = 1 and no b source (no exps at all).
+# forward:  U (each chunk's own state) -> scan over the chunks (Mp, and S: the state after each segment) -> A (decayed causal
+#           scores, per source) -> o.   backward: dMp -> reverse scan (H = dL/dM at chunk ends) -> A2 (dO.v scores) -> dq, dv, dk.
+# The matmul-shaped kernels are tiled by hand (tinygrad's heuristics reached 7 TFLOP/s on them, these 19-20 on the H100): a
+# block per chunk, a thread per 4x8 outputs with its lanes along the output's contiguous axis, reductions unrolled by 4, and
+# every operand read either along the lanes (coalesced) or alike by all lanes (broadcast); that is why k, v, Mp and H get
+# transposed copies. The scans run a thread per state entry and a loop over the chunks. All gradients come from the o kernel's
+# grad_fxn; the gate gradients use the decay identity dL/dG_t = q_t.dq_t + <dS,S>[t ends a segment] - l_t dl_t - b_t db_t.
+import functools, math
+from typing import NamedTuple
+from tinygrad import UOp, Device, dtypes
+from tinygrad.uop.ops import KernelInfo, AxisType, Ops
+from tinygrad.dtype import AddrSpace
+
+class _Scan(NamedTuple):
+  N: int; Nc: int; T: int; D: int; H: int     # rows (B*H), chunks, chunk, head dim, heads  # noqa: E702
+  step: int; nS: int; nsrc: int; gated: bool  # chunks per segment, segments in Lp, sources per token (2: swla), gates  # noqa: E702
+  indep: bool; local: bool                    # restart at each segment; the device has local memory  # noqa: E702
+  regs: tuple = (1, 1)                        # outputs per thread along a tile's (cols, rows)
+  @property
+  def ngates(self) -> int: return (2 + (self.nsrc == 2)) if self.gated else 0
+  @property
+  def period(self) -> int: return self.step * self.T if self.indep else self.Nc * self.T   # no b source at a multiple of this
+  @property
+  def lanes(self) -> AxisType: return AxisType.LOCAL if self.local else AxisType.WEAK
+
+# outputs per thread along a tile's (cols, rows) where there are locals: 128 threads for T = D = 64 (the best of 4x4, 8x4, 4x8,
+# 8x8 on the H100); without locals (CPU) plain loops, which compile several times faster
+_REGS, _REGS_NOLOCAL = (4, 8), (1, 1)
+
+def _split(size:int, rid:int, kind:AxisType, u:int=4) -> tuple[UOp, tuple[UOp, ...]]:
+  # an axis as outer*u + inner: outer over threads or a loop, inner u registers (UPCAST) or an unrolled reduce step (UNROLL)
+  u = math.gcd(size, u)
+  outer, inner = UOp.range(size // u, rid, kind), UOp.range(u, rid + 20, AxisType.UNROLL if kind is AxisType.REDUCE else AxisType.UPCAST)
+  return outer * u + inner, (outer, inner)
+
+def _tile(cfg:_Scan, cols:int, rows:int) -> tuple[UOp, UOp, tuple[UOp, ...]]:
+  # one block's outputs: lanes along cols (threadIdx.x: the lower range id), threadIdx.y along rows, cfg.regs of them per thread
+  (col, cr), (row, rr) = _split(cols, 10, cfg.lanes, cfg.regs[0]), _split(rows, 11, cfg.lanes, cfg.regs[1])
+  return col, row, cr + rr
+
+def _row(x:UOp, n:UOp, t:UOp, d:UOp|None=None) -> UOp:
+  # x[n, t(, d)] as float32; the token before t = 0 (the b source's predecessor) reads 0
+  t = t.valid(t >= 0)
+  return (x[n, t] if d is None else x[n, t, d]).cast(dtypes.float)
+
+def _col(xT:UOp, n:UOp, d:UOp, t:UOp) -> UOp: return xT[n, d, t.valid(t >= 0)].cast(dtypes.float)   # the same from a (N, D, Lp) copy
+
+def _beta(g:tuple, s:int, n:UOp, t:UOp, cfg:_Scan) -> UOp|float:
+  # the weight of source s at token t: l_t, or b_t where no row (or, independent, no segment) starts at t
+  if not cfg.gated: return 1.0
+  return g[1][n, t] if s == 0 else (t % cfg.period).ne(0).where(g[2][n, t], 0.0)
+
+def _to_end(G:UOp, n:UOp, c:UOp, t:UOp, T:int) -> UOp: return (G[n, c * T + T - 1] - G[n, t]).exp()   # decay from t to the chunk end
+
+def _sink(st:UOp, name:str) -> UOp: return st.sink(arg=KernelInfo(name=name, opts_to_apply=()))   # scheduled by hand: no optimizer
+
+@functools.cache
+def _transpose_fxn(cfg:_Scan, states:bool):
+  # keys (N, Lp, D) -> (N, D, Lp), so that the score kernels read them along their lanes; states (N, Nc, D, D) -> each one
+  # transposed (Mp^T for o, H^T for dv). A pass of its own: transposed stores from inside the scans were 6x slower on the H100
+  def fxn(xT:UOp, x:UOp) -> UOp:
+    n, c = UOp.range(cfg.N, 0), UOp.range(cfg.Nc, 1)
+    i, d, thread = _tile(cfg, cfg.D if states else cfg.T, cfg.D)
+    st = xT[n, c, d, i].store(x[n, c, i, d]) if states else xT[n, d, c * cfg.T + i].store(x[n, c * cfg.T + i, d])
+    return _sink(st.end(n, c, *thread), "chunk_transpose")
+  return fxn
+
+@functools.cache
+def _state_fxn(cfg:_Scan, grad:bool):
+  # U[n,c] = sum_i exp(G_end - G_i) (l_i v_i k_i^T + b_i v_{i-1} k_{i-1}^T): a chunk's own state (Eq. 28 summed over the chunk);
+  # grad: dL/dMp_c = sum_i exp(G_i) dO_i q_i^T
+  def fxn(U:UOp, x:UOp, y:UOp, *g:UOp) -> UOp:
+    n, c = UOp.range(cfg.N, 0), UOp.range(cfg.Nc, 1)
+    d, e, thread = _tile(cfg, cfg.D, cfg.D)
+    i, red = _split(cfg.T, 4, AxisType.REDUCE)
+    t = c * cfg.T + i
+    acc = _row(x, n, t, e) * _row(y, n, t, d)
+    if not grad: acc = acc * _beta(g, 0, n, t, cfg)
+    if not grad and cfg.nsrc == 2: acc = acc + _beta(g, 1, n, t, cfg) * _row(x, n, t - 1, e) * _row(y, n, t - 1, d)
+    if cfg.gated: acc = acc * (g[0][n, t].exp() if grad else _to_end(g[0], n, c, t, cfg.T))
+    return _sink(U[n, c, e, d].store(acc.reduce(*red, arg=Ops.ADD)).end(n, c, *thread), "chunk_dstate" if grad else "chunk_state")
+  return fxn
+
+def _entries(cfg:_Scan) -> tuple[UOp, UOp, UOp, tuple]:
+  # the scans' threads: one per state entry (e, d) of row n, in blocks of up to 128 entries of one row
+  blk = math.gcd(cfg.D ** 2, 128)
+  n, eo, ei = UOp.range(cfg.N, 0), UOp.range(cfg.D ** 2 // blk, 1), UOp.range(blk, 3, cfg.lanes)
+  return n, (eo * blk + ei) // cfg.D, (eo * blk + ei) % cfg.D, (n, eo, ei)
+
+@functools.cache
+def _scan_fxn(cfg:_Scan, has_m0:bool):
+  # M_c = exp(G_end,c) M_{c-1} + U_c over the chunks: Mp[c] = the state chunk c starts from (M0 at a restart), S = the state
+  # after each segment
+  def fxn(Mp:UOp, S:UOp, U:UOp, *rest:UOp) -> UOp:
+    (n, e, d, thread), c = _entries(cfg), UOp.range(cfg.Nc, 2, AxisType.LOOP)
+    m0 = rest[-1][n % cfg.H, e, d] if has_m0 else UOp.const(0.0, dtypes.float)
+    acc = UOp.placeholder((1,), dtypes.float, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(*thread)[0].set(m0)
+    cur = (c % cfg.step).eq(0).where(m0, acc.after(c)[0]) if cfg.indep else acc.after(c)[0]
+    new = (cur * rest[0][n, c * cfg.T + cfg.T - 1].exp() if cfg.gated else cur) + U[n, c, e, d]
+    si = ((c + 1) // cfg.step - 1).valid(((c + 1) % cfg.step).eq(0) & (c < cfg.nS * cfg.step))
+    loop = UOp.group(Mp[n, c, e, d].store(cur), S[n, si, e, d].store(new), acc[0].store(new)).end(c)
+    return _sink(loop.end(*thread), "chunk_scan")
+  return fxn
+
+@functools.cache
+def _rscan_fxn(cfg:_Scan, has_dS:bool):
+  # the adjoint of the scan, backwards over the chunks: Hc[c] = dL/dM_c, the state after chunk c; dM0[n, r] = what
+  # reaches M0 at restart r (the row start, or each segment start when independent)
+  def fxn(Hc:UOp, dM0:UOp, dMp:UOp, *rest:UOp) -> UOp:
+    (n, e, d, thread), cc = _entries(cfg), UOp.range(cfg.Nc, 2, AxisType.LOOP)
+    c = cfg.Nc - 1 - cc
+    acc = UOp.placeholder((1,), dtypes.float, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(*thread)[0].set(0.0)
+    seg_end = ((c + 1) % cfg.step).eq(0)
+    h = seg_end.where(0.0, acc.after(cc)[0]) if cfg.indep else acc.after(cc)[0]
+    if has_dS: h = h + rest[-1][n, ((c + 1) // cfg.step - 1).valid(seg_end & (c < cfg.nS * cfg.step)), e, d]
+    g = dMp[n, c, e, d] + (h * rest[0][n, c * cfg.T + cfg.T - 1].exp() if cfg.gated else h)
+    ri = (c // cfg.step).valid((c % cfg.step).eq(0)) if cfg.indep else (c * 0).valid(c.eq(0))
+    loop = UOp.group(Hc[n, c, e, d].store(h), dM0[n, ri, e, d].store(g), acc[0].store(g)).end(cc)
+    return _sink(loop.end(*thread), "chunk_scan_bwd")
+  return fxn
+
+@functools.cache
+def _scores_fxn(cfg:_Scan):
+  # A[n,c,s,i,j] = [j<=i] exp(G_i - G_j) a_i.b_{j-s}: the causal decayed scores of source s in one chunk (Eq. 28 read by q_i);
+  # b comes transposed (N, D, Lp) so that the lanes (along j) read it coalesced
+  def fxn(A:UOp, a:UOp, bT:UOp, *g:UOp) -> UOp:
+    n, c, s = UOp.range(cfg.N, 0), UOp.range(cfg.Nc, 1), UOp.range(cfg.nsrc, 2)
+    j, i, thread = _tile(cfg, cfg.T, cfg.T)
+    d, red = _split(cfg.D, 4, AxisType.REDUCE)
+    ti, tj = c * cfg.T + i, c * cfg.T + j
+    acc = (_row(a, n, ti, d) * _col(bT, n, d, tj - s)).reduce(*red, arg=Ops.ADD)
+    if cfg.gated: acc = acc * (g[0][n, ti] - g[0][n, tj]).exp()
+    return _sink(A[n, c, s, i, j].store((j <= i).where(acc, 0.0)).end(n, c, s, *thread), "chunk_scores")
+  return fxn
+
+@functools.cache
+def _mix_fxn(cfg:_Scan, key_side:bool, name:str):
+  # query side (o, dq): out_t = sum_s sum_j A[s,t,j] beta_s,j x_{j-s} + exp(G_t) Mat^T y_t                  (Eq. 28, read out)
+  # key side (dv, dk):  out[s]_t = sum_i A[s,i,t] x_i + exp(G_end - G_t) Mat^T y_{t-s}, one output per source (its adjoint)
+  # Mat (D, D) is read as Mat[reduced, output] by the lanes: Mp^T for o, Mp for dq, H^T for dv, H for dk. Extra srcs after the
+  # gates ride along for the o kernel's grad_fxn.
+  def fxn(out:UOp, A:UOp, x:UOp, Mat:UOp, y:UOp, *g:UOp) -> UOp:
+    n, c = UOp.range(cfg.N, 0), UOp.range(cfg.Nc, 1)
+    s = UOp.range(cfg.nsrc, 2) if key_side else UOp.const(0, dtypes.weakint)
+    e, r, thread = _tile(cfg, cfg.D, cfg.T)
+    (j, jred), (dd, dred), t = _split(cfg.T, 4, AxisType.REDUCE), _split(cfg.D, 5, AxisType.REDUCE), c * cfg.T + r
+    if key_side: acc = A[n, c, s, j, r] * _row(x, n, c * cfg.T + j, e)
+    else: acc = sum(A[n, c, k, r, j] * _beta(g, k, n, c * cfg.T + j, cfg) * _row(x, n, c * cfg.T + j - k, e) for k in range(cfg.nsrc))
+    st = (Mat[n, c, dd, e] * _row(y, n, t - s, dd)).reduce(*dred, arg=Ops.ADD)
+    if cfg.gated: st = st * (_to_end(g[0], n, c, t, cfg.T) if key_side else g[0][n, t].exp())
+    val = (acc.reduce(*jred, arg=Ops.ADD) + st).cast(out.dtype)
+    return _sink((out[n, s, t, e] if key_side else out[n, t, e]).store(val).end(n, c, *([s] if key_side else []), *thread), name)
+  return fxn
+
+def _run(fxn, outs:list[Tensor], ins:list[Tensor], grad_fxn=None) -> list[Tensor]:
+  # the inner kernels stop autograd (their gradients are all computed by the o kernel's grad_fxn)
+  stop = lambda *a, call=None: (None,) * (len((call if call is not None else a[-1]).src) - 1)
+  return Tensor.custom_kernel(*outs, *ins, fxn=fxn, grad_fxn=grad_fxn or stop)[:len(outs)]
+
+def chunk_scan(q:Tensor, k:Tensor, v:Tensor, la:Tensor|None, b:Tensor|None, l:Tensor|None, M0:Tensor|None,
+               chunk:int, segment:int, independent:bool) -> tuple[Tensor, Tensor]:
+  """mc.linear_scan as fused kernels (same signature and results): o (B,H,L,D) in q's dtype, S (B,H,L//segment,D,D) float32."""
+  B, H, L, D = q.shape
+  if segment % chunk: raise ValueError(f"chunk_scan: segment={segment} must be a multiple of chunk={chunk}")
+  if la is None and (b is not None or l is not None): raise ValueError("chunk_scan: the gates b and l need la (log a)")
+  T, dev, Nc = chunk, q.device, -(-L // chunk)
+  local = Device[dev if isinstance(dev, str) else dev[0]].renderer.has_local
+  cfg = _Scan(B * H, Nc, T, D, H, segment // T, Nc // (segment // T), 1 + (b is not None), la is not None, independent, local,
+              _REGS if local else _REGS_NOLOCAL)
+  # rows (B*H, Lp, ...); zero tokens pad the last chunk: causal, they never reach an earlier output (and la = 0 keeps the state)
+  rows = lambda x: x.pad(tuple((0, Nc * T - L) if i == 2 else None for i in range(x.ndim))).reshape(cfg.N, Nc * T, *x.shape[3:])
+  q, k, v = rows(q), rows(k), rows(v)
+  g = ()
+  if cfg.gated: g = (rows(la.float()).reshape(cfg.N, Nc, T).cumsum(-1).reshape(cfg.N, Nc * T), rows(l.float() if l is not None else la.ones_like()))
+  if cfg.nsrc == 2: g = g + (rows(b.float()),)
+  m0 = [M0.float()] if M0 is not None else []
+  empty = lambda *s: Tensor.empty(*s, device=dev)
+  U = _run(_state_fxn(cfg, False), [empty(cfg.N, Nc, D, D)], [v, k, *g])[0]
+  Mp, S = _run(_scan_fxn(cfg, M0 is not None), [empty(cfg.N, Nc, D, D), empty(cfg.N, max(cfg.nS, 1), D, D)], [U, *g[:1], *m0])
+  MpT = _run(_transpose_fxn(cfg, True), [empty(cfg.N, Nc, D, D)], [Mp])[0]
+  kT = _run(_transpose_fxn(cfg, False), [Tensor.empty(cfg.N, D, Nc * T, dtype=k.dtype, device=dev)], [k])[0]
+  A = _run(_scores_fxn(cfg), [empty(cfg.N, Nc, cfg.nsrc, T, T)], [q, kT, *g[:1]])[0]
+  outs = Tensor.custom_kernel(Tensor.empty(cfg.N, Nc * T, D, dtype=q.dtype, device=dev), A, v, MpT, q, *g, k, S, Mp, *m0,
+                              fxn=_mix_fxn(cfg, False, "chunk_scan_o"), grad_fxn=functools.partial(_chunk_scan_bwd, cfg=cfg))
+  o, S = outs[0], outs[6 + cfg.ngates]
+  return o.reshape(B, H, Nc * T, D)[:, :, :L], S.reshape(B, H, -1, D, D)[:, :, :L // segment]
+
+def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
+  # the grad_fxn of the o kernel: gradients for every input of chunk_scan, from dO and (when S is used) dS
+  grads, call = (args[:-1], args[-1]) if call is None else (args, call)
+  _, A, v, _, q, *rest = [Tensor(u) for u in call.src[1:]]
+  g, (k, S, Mp), m0 = tuple(rest[:cfg.ngates]), rest[cfg.ngates:cfg.ngates + 3], rest[cfg.ngates + 3:]
+  N, Nc, T, D, Lp = cfg.N, cfg.Nc, cfg.T, cfg.D, cfg.Nc * cfg.T
+  # which of o (3 axes) and S (4 axes) got a gradient; contiguous: a gradient can arrive as an unrealized constant
+  dO = next((Tensor(x).contiguous() for x in grads if len(x.shape) == 3), None)
+  dS = next((Tensor(x).contiguous() for x in grads if len(x.shape) == 4), None)
+  if dO is None: dO = Tensor.zeros(N, Lp, D, device=q.device).contiguous()
+  empty = lambda *s, dtype=dtypes.float: Tensor.empty(*s, dtype=dtype, device=q.device)
+  dMp = _run(_state_fxn(cfg, True), [empty(N, Nc, D, D)], [dO, q, *g[:1]])[0]
+  nR = -(-Nc // cfg.step) if cfg.indep else 1
+  Hc, dM0 = _run(_rscan_fxn(cfg, dS is not None), [empty(N, Nc, D, D), empty(N, nR, D, D)], [dMp, *g[:1], *([dS] if dS is not None else [])])
+  HT = _run(_transpose_fxn(cfg, True), [empty(N, Nc, D, D)], [Hc])[0]
+  vT = _run(_transpose_fxn(cfg, False), [empty(N, D, Lp, dtype=v.dtype)], [v])[0]
+  A2 = _run(_scores_fxn(cfg), [empty(N, Nc, cfg.nsrc, T, T)], [dO, vT, *g[:1]])[0]
+  # gated: the gate gradients below need dq, dv, dk in float32; la writes them in the inputs' dtype
+  gdt = dtypes.float if cfg.gated else q.dtype
+  dq = _run(_mix_fxn(cfg, False, "chunk_scan_dq"), [empty(N, Lp, D, dtype=gdt)], [A2, k, Mp, dO, *g])[0]
+  X = _run(_mix_fxn(cfg, True, "chunk_scan_dv"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A, dO, HT, k, *g])[0]
+  Y = _run(_mix_fxn(cfg, True, "chunk_scan_dk"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A2, q, Hc, v, *g])[0]
+  dg = [None] * cfg.ngates
+  if not cfg.gated: dv, dk = X[:, 0], Y[:, 0]
+  else:
+    # X[:, s] = dL/d(source value) and Y[:, s] = dL/d(source key) before the source weight: dl, db and the decay identity
+    l, on = g[1], (Tensor.arange(Lp) % cfg.period != 0).float()
+    dl = (v.float() * X[:, 0]).sum(-1)
+    dv, dk, dG = l.unsqueeze(-1) * X[:, 0], l.unsqueeze(-1) * Y[:, 0], (q.float() * dq).sum(-1) - l * dl
+    if cfg.nsrc == 2:
+      bm, nxt = g[2] * on, lambda x: x.pad((None, (0, 1), None))[:, 1:]        # nxt: the b source at t+1 reads token t
+      db = (v.float().pad((None, (1, 0), None))[:, :Lp] * X[:, 1]).sum(-1) * on
+      dv, dk, dG = dv + nxt(bm.unsqueeze(-1) * X[:, 1]), dk + nxt(bm.unsqueeze(-1) * Y[:, 1]), dG - bm * db
+      dg[2] = db
+    dG = dG.reshape(N, Nc, T)
+    if dS is not None and cfg.nS:
+      # a segment's state is an output read at its last token, like o
+      seg = (dS * S).sum((-1, -2)).reshape(N, cfg.nS, 1).pad((None, None, (cfg.step - 1, 0))).reshape(N, cfg.nS * cfg.step)
+      dG = dG + seg.pad((None, (0, Nc - cfg.nS * cfg.step))).reshape(N, Nc, 1).pad((None, None, (T - 1, 0)))
+    # G is summed from its chunk start, so its last entry also carries the decay seen by every later chunk (of the segment)
+    cs = dG.sum(-1)
+    if cfg.indep: cs = cs.pad((None, (0, -Nc % cfg.step))).reshape(N, -1, cfg.step)
+    later = (cs.flip(-1).cumsum(-1).flip(-1) - cs).reshape(N, -1)[:, :Nc]
+    dg[0], dg[1] = (dG + later.reshape(N, Nc, 1).pad((None, None, (T - 1, 0)))).reshape(N, Lp), dl
+  dm0 = [dM0.reshape(-1, cfg.H, dM0.shape[1], D, D).sum((0, 2))] if m0 else []
+  ret = [None, None, dv, None, dq, *dg, dk, None, None, *dm0]
+  return tuple(None if x is None else x.cast(s.dtype).uop for x, s in zip(ret, call.src[1:]))
+
+def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segment:int=256, dtype=dtypes.float,
+                     cores:tuple=("la", "swla"), reps:int=20) -> list[tuple]:
+  """Validate chunk_scan against mc.linear_scan on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
+  forward, and forward+backward through o. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors
+  are the worst over o and the gradients of q, k, v and the gates."""
+  import time, statistics, mc
+  from tinygrad import TinyJit
+  from tinygrad.helpers import Context
+  def ms(fn, *xs) -> float:
+    for _ in range(3): fn(*xs)
+    Device[Device.DEFAULT].synchronize()
+    ts = []
+    for _ in range(reps):
+      st = time.perf_counter()
+      fn(*xs)
+      Device[Device.DEFAULT].synchronize()
+      ts.append(time.perf_counter() - st)
+    return statistics.median(ts) * 1e3
+  rows = []
+  for core in cores:
+    Tensor.manual_seed(0)
+    ins = [Tensor.randn(B, H, L, D).cast(dtype).realize() for _ in range(3)] + [Tensor.randn(B, H, L).realize() for _ in range(3 * (core == "swla"))]
+    go = Tensor.randn(B, H, L, D).cast(dtype).realize()
+    def fwd(f, q, k, v, *g):
+      gates = (g[0].sigmoid().log(), g[1].sigmoid(), g[2].sigmoid()) if g else (None, None, None)
+      return f(q, k, v, *gates, None, chunk, segment, False)[0]
+    def step(f, *xs): return [(o := fwd(f, *xs)), *o.gradient(*xs, gradient=go)]
+    res = [[x.float().numpy() for x in step(f, *ins)] for f in (mc.linear_scan, chunk_scan)]
+    err = max(float(abs(a - b).max()) for a, b in zip(*res))
+    rel = max(float(((a - b) ** 2).mean() ** 0.5 / (((a ** 2).mean() ** 0.5) + 1e-30)) for a, b in zip(*res))
+    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} {dtype.name}"
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      # JIT=2: replay without CUDA graphs (on the H100 here cuGraphAddKernelNode refuses tinygrad's launches: invalid argument)
+      with Context(JIT=2): t = [ms(TinyJit(functools.partial(fn, f)), *ins) for f in (mc.linear_scan, chunk_scan)]
+      rows.append((f"chunk_scan {core} {name}", shape, err, rel, *t))
+  return rows
 
 # **** cache_read ****
-# (owned by the cache_read work: edit only inside this section)
+# y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t over the entries token t reads (Eqs. 7, 9-10, 16-17), forward and backward.
+# A slot r of token t names an entry it reads: a static table per segment (grm, residual, mean: all tokens of a segment read
+# the same entries) or, for ssc, the top-k entries _select_fxn picks per token. The kernels are tinygrad REDUCEs with
+# KernelInfo.opts_to_apply unset, so the hand-coded opts (upcasts, unrolls, locals) and BEAM tile them like any matmul:
+#   read   y_t = w_on o_t + sum_r w_tr M_e q_t    dq_t = sum_r w_tr M_e^T dy_t    dw_tr = dy_t . M_e q_t    (all over (r, D))
+#   dM     static: per entry, over the (segment, slot) pairs that read it; ssc: over its selected (token, slot) pairs, sorted
+# residual and mean read one summed state per segment; const grm runs in groups of segments (half the token x entry square).
+# The weights are cheap glue (B,H,L,slots) and autograd carries dw, dw_on back to z, z_on; nothing (B,H,L,N,D) is ever built.
+import functools, math
+import numpy as np
+from tinygrad import UOp, dtypes
+from tinygrad.uop.ops import KernelInfo, AxisType, Ops
+
+def _tokens(B:int, H:int, L:int, C:int):
+  # output ranges (b, h, segment, token in segment); t is clamped for the loads and ok gates the stores (L % C may be nonzero)
+  b, h, s, c = UOp.range(B, 0), UOp.range(H, 1), UOp.range(-(-L // C), 2), UOp.range(C, 3)
+  t = s * C + c
+  return b, h, s, c, (t < L).where(t, L - 1), t < L
+
+def _red(n:int, axis:int) -> UOp:
+  # a reduce range; one of size 1 is the constant 0 (tinygrad folds size-1 ranges, and a REDUCE over none is its source)
+  return UOp.range(n, axis, AxisType.REDUCE) if n > 1 else UOp.const(0, dtypes.weakint)
+
+def _reduce(x:UOp, *rngs:UOp, op=Ops.ADD) -> UOp:
+  return x.reduce(*rr, arg=op) if (rr := [r for r in rngs if r.op is Ops.RANGE]) else x
+
+def _store(buf:UOp, idx:tuple, val:UOp, ok:UOp) -> UOp:
+  # a store gated by ok: the flat index is Invalid where ok is False
+  lin = UOp.const(0, dtypes.weakint)
+  for i, n in zip(idx, buf.shape): lin = lin * n + i
+  return buf.flatten().index(lin.valid(ok)).store(val)
+
+def _entry(ent:UOp, N:int, b:UOp, h:UOp, s:UOp, t:UOp, r:UOp) -> UOp:
+  # the entry slot r of token t reads: a static table per segment (n_seg, K) or a per-token one (B, H, L, K); clipped so that
+  # the index arithmetic knows its bounds
+  return (ent[s, r] if len(ent.shape) == 2 else ent[b, h, t, r]).clip(0, N - 1).cast(dtypes.weakint)
+
+@functools.cache
+def _read_fxn(L:int, C:int, trans:bool, with_o:bool):
+  # y_t = w_on_t o_t + sum_r w_tr M_e(t,r) x_t (Eqs. 7, 10, 17); trans reads M^T: dq_t = sum_r w_tr M_e(t,r)^T dy_t
+  def fxn(y:UOp, x:UOp, M:UOp, w:UOp, ent:UOp, *on:UOp) -> UOp:
+    B, H, _, D = x.shape
+    b, h, s, c, t, ok = _tokens(B, H, L, C)
+    d = UOp.range(D, 4)
+    r, j = _red(w.shape[-1], 5), _red(D, 6)
+    e = _entry(ent, M.shape[2], b, h, s, t, r)
+    mx = _reduce(x[b, h, t, j] * (M[b, h, e, j, d] if trans else M[b, h, e, d, j]), j)   # (M_e x_t)[d]
+    acc = _reduce(w[b, h, t, r] * mx, r)
+    if with_o: acc = acc + on[0][b, h, t] * on[1][b, h, t, d]
+    return _store(y, (b, h, t, d), acc, ok).end(b, h, s, c, d).sink(arg=KernelInfo(name="cache_read_dq" if trans else "cache_read"))
+  return fxn
+
+@functools.cache
+def _score_fxn(L:int, C:int):
+  # a_tr = dy_t . M_e(t,r) q_t, the gradient of the slot weight w_tr: one D x D bilinear form per (token, slot). The slots are
+  # padded to a multiple of 4 (a[..., K:] is garbage, sliced off) so that the optimizer can upcast them like a matmul's columns
+  def fxn(a:UOp, dy:UOp, M:UOp, q:UOp, ent:UOp) -> UOp:
+    B, H, _, D = q.shape
+    b, h, s, c, t, ok = _tokens(B, H, L, C)
+    r = UOp.range(a.shape[-1], 4)
+    d, j = _red(D, 5), _red(D, 6)
+    rr = r.minimum(ent.shape[-1] - 1) if a.shape[-1] > ent.shape[-1] else r
+    mq = _reduce(q[b, h, t, j] * M[b, h, _entry(ent, M.shape[2], b, h, s, t, rr), d, j], j)   # (M_e q_t)[d]
+    acc = _reduce(dy[b, h, t, d] * mq, d)
+    return _store(a, (b, h, t, r), acc, ok).end(b, h, s, c, r).sink(arg=KernelInfo(name="cache_read_dw"))
+  return fxn
+
+@functools.cache
+def _dm_fxn(L:int, C:int):
+  # dM_e = sum over the (segment, slot) pairs that read e of sum_{t in segment} w_tr dy_t q_t^T; inv (3, N, R) lists them as
+  # (segment, slot, is a pair): padding points at segment 0 with weight 0, so the token index stays plain arithmetic
+  def fxn(dM:UOp, dy:UOp, q:UOp, w:UOp, inv:UOp) -> UOp:
+    B, H, N, D, _ = dM.shape
+    ns, K = -(-L // C), w.shape[-1]
+    b, h, e, d, j = UOp.range(B, 0), UOp.range(H, 1), UOp.range(N, 2), UOp.range(D, 3), UOp.range(D, 4)
+    p, c = _red(inv.shape[-1], 5), _red(C, 6)
+    t = inv[0, e, p].clip(0, ns - 1).cast(dtypes.weakint) * C + c
+    ok = inv[2, e, p].ne(0) & (t < L) if ns * C > L else inv[2, e, p].ne(0)
+    if ns * C > L: t = t.clip(0, L - 1)
+    wt = ok.where(w[b, h, t, inv[1, e, p].clip(0, K - 1).cast(dtypes.weakint)], 0.0)
+    acc = _reduce(wt * dy[b, h, t, d] * q[b, h, t, j], p, c)
+    return dM[b, h, e, d, j].store(acc).end(b, h, e, d, j).sink(arg=KernelInfo(name="cache_read_dM"))
+  return fxn
+
+# ssc's dM without a dense (token, entry) sweep: the (token, slot) pairs are counting-sorted by entry into chunks of P pairs
+# that each belong to one entry, every chunk is one (D x P) @ (P x D) product, and an entry sums its chunks. Work ~ L*topk.
+_P = 256
+
+@functools.cache
+def _rank_fxn(L:int, C:int):
+  # pos of pair (t, k) in the sorted list: its entry's first chunk * P + pairs of that entry in earlier segments (segoff) +
+  # pairs of that entry earlier in this segment (a REDUCE over the segment's C * K pairs)
+  def fxn(pos:UOp, idx:UOp, w:UOp, segoff:UOp, base:UOp) -> UOp:
+    B, H, _, K = idx.shape
+    N = base.shape[-1]
+    b, h, s, c, t, ok = _tokens(B, H, L, C)
+    k, c2, k2 = UOp.range(K, 4), _red(C, 5), _red(K, 6)
+    t2 = (s * C + c2).clip(0, L - 1)
+    e = idx[b, h, t, k].clip(0, N - 1)
+    same = (c2 < c) & (s * C + c2 < L) & idx[b, h, t2, k2].eq(e) & w[b, h, t2, k2].ne(0)
+    before = _reduce(same.where(1, 0).cast(dtypes.int32), c2, k2)
+    e = e.cast(dtypes.weakint)
+    return _store(pos, (b, h, t, k), base[b, h, e] + segoff[b, h, s, e] + before, ok).end(b, h, s, c, k).sink(arg=KernelInfo(name="ssc_rank"))
+  return fxn
+
+@functools.cache
+def _scatter_fxn(L:int, C:int):
+  # the sorted list: token and weight of every selected pair at its pos (slots no pair fills are masked by the chunk kernel)
+  def fxn(tok:UOp, wl:UOp, pos:UOp, w:UOp) -> UOp:
+    B, H, _, K = pos.shape
+    b, h, s, c, t, ok = _tokens(B, H, L, C)
+    k = UOp.range(K, 4)
+    at, live = (b, h, pos[b, h, t, k].clip(0, tok.shape[-1] - 1).cast(dtypes.weakint)), ok & w[b, h, t, k].ne(0)
+    return UOp.group(_store(tok, at, t.cast(dtypes.int32), live), _store(wl, at, w[b, h, t, k], live)).end(b, h, s, c, k).sink(
+      arg=KernelInfo(name="ssc_scatter"))
+  return fxn
+
+@functools.cache
+def _chunk_fxn(L:int):
+  # G_c = sum_{i < n_c} w_i dy_{t_i} q_{t_i}^T over the n_c filled slots of chunk c (all of one entry)
+  def fxn(G:UOp, tok:UOp, wl:UOp, n:UOp, dy:UOp, q:UOp) -> UOp:
+    B, H, NC, D, _ = G.shape
+    b, h, c, d, j, i = UOp.range(B, 0), UOp.range(H, 1), UOp.range(NC, 2), UOp.range(D, 3), UOp.range(D, 4), _red(_P, 5)
+    tt = tok[b, h, c * _P + i].clip(0, L - 1).cast(dtypes.weakint)
+    wt = (i < n[b, h, c]).where(wl[b, h, c * _P + i], 0.0)
+    acc = _reduce(wt * dy[b, h, tt, d] * q[b, h, tt, j], i)
+    return G[b, h, c, d, j].store(acc).end(b, h, c, d, j).sink(arg=KernelInfo(name="ssc_chunks"))
+  return fxn
+
+@functools.cache
+def _entry_sum_fxn(L:int):
+  # dM_e = the sum of entry e's chunks, first[e] .. first[e] + count[e] - 1 (at most ceil(L / P): a token picks e once)
+  def fxn(dM:UOp, G:UOp, first:UOp, count:UOp) -> UOp:
+    B, H, N, D, _ = dM.shape
+    b, h, e, d, j, m = UOp.range(B, 0), UOp.range(H, 1), UOp.range(N, 2), UOp.range(D, 3), UOp.range(D, 4), _red(-(-L // _P), 5)
+    cc = (first[b, h, e] + m).clip(0, G.shape[2] - 1).cast(dtypes.weakint)
+    acc = _reduce((m < count[b, h, e]).where(G[b, h, cc, d, j], 0.0), m)
+    return dM[b, h, e, d, j].store(acc).end(b, h, e, d, j).sink(arg=KernelInfo(name="ssc_dM"))
+  return fxn
+
+def _ssc_dm(gy:Tensor, q:Tensor, w:Tensor, idx:Tensor, N:int, C:int) -> Tensor:
+  # counts of pairs per (segment, entry) give every pair its place; a pair of weight 0 (no entry to select) takes none
+  B, H, L, K = w.shape
+  ns, dev, i32 = -(-L // C), w.device, dtypes.int32
+  hit = (idx.unsqueeze(-1) == Tensor(np.arange(N, dtype=np.int32), device=dev)) & (w != 0).unsqueeze(-1)           # (B,H,L,K,N)
+  per_seg = hit.pad((None, None, (0, ns * C - L), None, None)).reshape(B, H, ns, C * K, N).cast(i32).sum(3)        # (B,H,ns,N)
+  cnt = per_seg.sum(2)
+  nch = (cnt + _P - 1) // _P
+  first = nch.cumsum(-1) - nch
+  NC = -(-L * K // _P) + N
+  c = Tensor(np.arange(NC, dtype=np.int32), device=dev).reshape(1, 1, NC, 1)
+  filled = ((cnt.unsqueeze(2) - (c - first.unsqueeze(2)) * _P).clip(0, _P) * (c >= first.unsqueeze(2))).sum(-1)  # (B,H,NC)
+  segoff = per_seg.cumsum(2) - per_seg
+  pos = Tensor.empty(B, H, L, K, dtype=i32, device=dev).custom_kernel(*_c(idx, w, segoff, first * _P), fxn=_rank_fxn(L, C))[0]
+  tok, wl = Tensor.empty(B, H, NC * _P, dtype=i32, device=dev), Tensor.empty(B, H, NC * _P, device=dev)
+  tok, wl = tok.custom_kernel(wl, *_c(pos, w), fxn=_scatter_fxn(L, C))[:2]
+  G = Tensor.empty(B, H, NC, *q.shape[-1:] * 2, device=dev).custom_kernel(tok, wl, *_c(filled.cast(i32), gy, q), fxn=_chunk_fxn(L))[0]
+  return Tensor.empty(B, H, N, *q.shape[-1:] * 2, device=dev).custom_kernel(G, *_c(first.cast(i32), nch.cast(i32)), fxn=_entry_sum_fxn(L))[0]
+
+@functools.cache
+def _select_fxn(L:int, C:int, K:int):
+  # Eq. 16 in the kernel: per token the K readable entries with the largest logits, a tie to the larger (more recent) index.
+  # K rounds of (max logit, then the largest index holding it) over the entries not yet taken; stores the index and its logit.
+  # zt is z transposed (B,H,N,L): neighbouring threads hold neighbouring tokens, so every round's loads are coalesced
+  def fxn(idx:UOp, zs:UOp, zt:UOp, rd:UOp) -> UOp:
+    B, H, N, _ = zt.shape
+    b, h, s, c, t, ok = _tokens(B, H, L, C)
+    taken, stores = [], []
+    for k in range(K):
+      def avail(e:UOp) -> UOp:
+        cond = rd[s, e].ne(0)
+        for i in taken: cond = cond & e.cast(dtypes.int32).ne(i)
+        return cond
+      e1, e2 = _red(N, 4 + 2 * k), _red(N, 5 + 2 * k)
+      m = _reduce(avail(e1).where(zt[b, h, e1, t], -math.inf), e1, op=Ops.MAX)
+      i = _reduce((avail(e2) & zt[b, h, e2, t].eq(m)).where(e2.cast(dtypes.int32), -1), e2, op=Ops.MAX)
+      taken.append(i)
+      # a token with fewer than K readable entries gets logit -inf (weight 0) and index 0 in the spare slots
+      stores += [_store(idx, (b, h, t, k), i.maximum(0), ok), _store(zs, (b, h, t, k), m, ok)]
+    return UOp.group(*stores).end(b, h, s, c).sink(arg=KernelInfo(name=f"cache_select_top{K}"))
+  return fxn
+
+def _slots(reads:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  # the entries each segment reads, in index order: tbl (n_seg, K) int32 and its validity (n_seg, K), K = the most any segment reads
+  K = max(1, int(reads.sum(1).max()))
+  tbl, ok = np.zeros((reads.shape[0], K), np.int32), np.zeros((reads.shape[0], K), bool)
+  for s, row in enumerate(reads):
+    ii = np.flatnonzero(row)
+    tbl[s, :len(ii)], ok[s, :len(ii)] = ii, True
+  return tbl, ok
+
+def _inverse(tbl:np.ndarray, ok:np.ndarray, N:int) -> np.ndarray:
+  # for each entry the (segment, slot) pairs that read it: (3, N, R) int32 of segment, slot and 1, padded with (0, 0, 0)
+  pairs = [[(s, r, 1) for s, r in zip(*np.nonzero(ok)) if tbl[s, r] == e] for e in range(N)]
+  inv = np.zeros((3, N, max(1, max(map(len, pairs)))), np.int32)
+  for e, p in enumerate(pairs):
+    if p: inv[:, e, :len(p)] = np.array(p, np.int32).T
+  return inv
+
+def _groups(ns:int) -> list[tuple[int, int]]:
+  # up to 8 groups of consecutive segments (one when there are few), the first with at least two so it reads an entry
+  G = 1 if ns < 8 else min(8, ns // 4)
+  edges = sorted({0, ns, *(int(round(ns * i / G)) for i in range(1, G))} - {1})
+  return list(zip(edges[:-1], edges[1:]))
+
+def _c(*xs:Tensor) -> list[Tensor]: return [x.contiguous() for x in xs]   # kernel inputs as plain buffers, never views
+
+def _softmax(z_on:Tensor, zs:Tensor) -> tuple[Tensor, Tensor]:
+  # one softmax over the online logit and the slots' logits (-inf for slots not read): Eq. 10 and Eq. 17's weights
+  g = z_on.unsqueeze(-1).cat(zs, dim=-1).softmax(-1)
+  return g[..., 0], g[..., 1:]
+
+def _read(q:Tensor, o:Tensor, M:Tensor, w:Tensor, w_on:Tensor, ent:Tensor, C:int, dw:bool, slots:tuple|None=None) -> Tensor:
+  # the fused read and its backward: dq, dM and dw by kernels, do and dw_on by cheap glue; autograd takes dw, dw_on on to the logits.
+  # ent is the static table of `slots` (tbl, ok) or ssc's per-token selection
+  L, dev = q.shape[2], q.device
+  # a static table's dM covers the entries it names (a prefix for const); the rest of M gets zeros
+  n_ent = M.shape[2] if slots is None else int(slots[0][slots[1]].max(initial=0)) + 1
+  inv = None if slots is None else Tensor(_inverse(*slots, n_ent), device=dev)
+  def bwd(gy:UOp, call:UOp) -> tuple:
+    _, q, M, w, ent, w_on, o = (Tensor(u) for u in call.src[1:])
+    gy = Tensor(gy)
+    gq = Tensor.empty(*q.shape, device=dev).custom_kernel(*_c(gy, M, w, ent), fxn=_read_fxn(L, C, True, False))[0]
+    gw = Tensor.empty(*w.shape[:3], -(-w.shape[3] // 4) * 4, device=dev).custom_kernel(*_c(gy, M, q, ent), fxn=_score_fxn(L, C))[0] if dw else None
+    if gw is not None: gw = gw[..., :w.shape[3]]
+    # dM: a static table sums over the (segment, slot) pairs of each entry, ssc over its sorted selected pairs
+    if inv is not None:
+      gM = Tensor.empty(*M.shape[:2], n_ent, *M.shape[3:], device=dev).custom_kernel(*_c(gy, q, w, inv), fxn=_dm_fxn(L, C))[0]
+      gM = gM.pad((None, None, (0, M.shape[2] - n_ent), None, None))
+    else: gM = _ssc_dm(gy, q, w, ent, M.shape[2], C)
+    return (None, gq.uop, gM.uop, None if gw is None else gw.uop, None, (gy * o).sum(-1).uop, (w_on.unsqueeze(-1) * gy).uop)
+  y = Tensor.empty(*o.shape, device=dev).custom_kernel(*_c(q, M, w, ent, w_on, o), fxn=_read_fxn(L, C, False, True), grad_fxn=bwd)[0]
+  return y
+
+def _per_token(x:np.ndarray, C:int, L:int) -> np.ndarray: return np.repeat(x, C, axis=0)[:L]   # per segment -> per token
+
+def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.ndarray, segment:int, agg:str, topk:int) -> Tensor:
+  """The fused kernels of mc.cache_read_ref, same signature and results: y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t (B,H,L,D).
+  q, o (B,H,L,D) (q may be bfloat16/float16), M (B,H,N,D,D), z (B,H,L,N), z_on (B,H,L), reads (n_seg, N) bool."""
+  B, H, L, D = q.shape
+  C, dev, reads = segment, q.device, np.asarray(reads, bool)
+  if reads.shape[0] != -(-L // C): raise ValueError(f"cache_read: reads has {reads.shape[0]} segments, L={L} with segment={C} needs {-(-L // C)}")
+  if M.shape[2] == 0 or not reads.any(): return o.float() * 1   # nothing is cached yet: every weight goes to the online memory
+  # a half q is converted once here (the kernels would convert it at every one of its D*N loads); dq flows back through the cast
+  q, o = q.float(), o.float()
+  if agg in ("residual", "mean"):
+    # every token of a segment reads the same sum with the same weight: one state per segment, sum_i M_i (Eqs. 6-7)
+    n = reads.sum(1, keepdims=True)
+    Ms = (Tensor(reads.astype(np.float32), device=dev) @ M.flatten(-2)).reshape(B, H, -1, D, D)
+    c = _per_token(1 / (1 + n) if agg == "mean" else np.ones_like(n, np.float32), C, L).astype(np.float32)   # (L, 1)
+    w = Tensor(c, device=dev).reshape(1, 1, L, 1).expand(B, H, L, 1)
+    seg = np.arange(reads.shape[0], dtype=np.int32).reshape(-1, 1)
+    return _read(q, o, Ms, w, w[..., 0], Tensor(seg, device=dev), C, False, (seg, np.ones_like(seg, bool)))
+  tbl, ok = _slots(reads)
+  if agg == "grm" or topk >= tbl.shape[1]:
+    # grm, or ssc with every readable entry selected: the softmax over the static slots (Eqs. 9-10)
+    if tbl.shape[1] != z.shape[-1] or not (tbl == np.arange(tbl.shape[1]))[ok].all():
+      ent = Tensor(np.arange(z.shape[-1], dtype=np.int32), device=dev)
+      zs = (Tensor(_per_token(tbl, C, L), device=dev).unsqueeze(-1) == ent).where(z.unsqueeze(-2), 0.0).sum(-1)   # z at each slot
+      w_on, w = _softmax(z_on, Tensor(_per_token(ok, C, L), device=dev).where(zs, -math.inf))
+      return _read(q, o, M, w, w_on, Tensor(tbl, device=dev), C, True, (tbl, ok))
+    # const (slot r is entry r): segment s reads entries 0..s-1, so groups of segments each run on the entries their last segment
+    # reads, about half the (token, entry) square that one launch over every entry computes; autograd joins the groups
+    ys = []
+    for s0, s1 in _groups(len(tbl)):
+      a, b, K = s0 * C, min(s1 * C, L), max(1, int(ok[s0:s1].sum(1).max()))
+      g = (tbl[s0:s1, :K], ok[s0:s1, :K])
+      w_on, w = _softmax(z_on[:, :, a:b], Tensor(_per_token(g[1], C, b - a), device=dev).where(z[:, :, a:b, :K], -math.inf))
+      ys.append(_read(q[:, :, a:b], o[:, :, a:b], M, w, w_on, Tensor(g[0], device=dev), C, True, g))
+    return ys[0].cat(*ys[1:], dim=2)
+  # ssc (Eqs. 16-17): the top-k selection in a kernel; the backward sends a selected logit's gradient back to its entry
+  def bwd_select(gzs:UOp, call:UOp) -> tuple:
+    idx = Tensor(call.src[1].after(call))
+    gz = (idx.unsqueeze(-1) == Tensor(np.arange(z.shape[-1], dtype=np.int32), device=dev)).where(Tensor(gzs).unsqueeze(-1), 0.0).sum(-2)
+    return (None, None, gz.transpose(-1, -2).uop, None)   # the kernel read z transposed
+  idx, zs = Tensor.empty(B, H, L, topk, dtype=dtypes.int32, device=dev), Tensor.empty(B, H, L, topk, device=dev)
+  rd = Tensor(reads.astype(np.int32), device=dev)
+  idx, zs = idx.custom_kernel(zs, *_c(z.transpose(-1, -2), rd), fxn=_select_fxn(L, C, topk), grad_fxn=bwd_select)[:2]
+  w_on, w = _softmax(z_on, zs)
+  return _read(q, o, M, w, w_on, idx, C, True)
+
+def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
+                     reps:int=10) -> list[tuple]:
+  """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
+  forward, and forward+backward to q, o, M, z, z_on. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors
+  are the worst over y and the gradients. Above ref_max_L the reference (whose backward builds (B,H,L,N*D)) is not run: nan.
+  cases (agg, L, q dtype) default to issue 4's (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU."""
+  import time, statistics, mc
+  from tinygrad import TinyJit, Device
+  if cases is None and Device.DEFAULT == "CPU": B, H, D, segment, cases = 1, 2, 16, 16, (("grm", 256, "float32"), ("ssc", 256, "float32"))
+  if cases is None: cases = (("grm", 8192, "float32"), ("grm", 8192, "bfloat16"), ("ssc", 8192, "float32"), ("ssc", 32768, "float32"),
+                             ("grm", 32768, "float32"))
+  cases = [c for c in cases if c[2] in ("float32", "float") or getattr(dtypes, c[2]) in Device[Device.DEFAULT].renderer.supported_dtypes()]
+  def ms(fn, *xs) -> float:
+    for _ in range(2): fn(*xs)
+    Device[Device.DEFAULT].synchronize()
+    ts = []
+    for _ in range(reps):
+      st = time.perf_counter()
+      fn(*xs)
+      Device[Device.DEFAULT].synchronize()
+      ts.append(time.perf_counter() - st)
+    return statistics.median(ts) * 1e3
+  rows = []
+  for agg, L, dt in cases:
+    Tensor.manual_seed(0)
+    blocks, reads = mc.cache_plan(-(-L // segment), "const")
+    N = len(blocks)
+    ins = [Tensor.randn(B, H, L, D).cast(dt), Tensor.randn(B, H, L, D), Tensor.randn(B, H, N, D, D) * D ** -0.5, Tensor.randn(B, H, L, N),
+           Tensor.randn(B, H, L)]
+    ins, gy = [x.contiguous().realize() for x in ins], Tensor.randn(B, H, L, D).realize()
+    def fwd(f, q, o, M, z, z_on): return f(q, o, M, z, z_on, reads, segment, agg, topk)
+    def step(f, *xs): return [(y := fwd(f, *xs)), *y.gradient(*xs, gradient=gy)]
+    fs = (mc.cache_read_ref, cache_read) if L <= ref_max_L else (cache_read,)
+    res = [[x.float().numpy() for x in step(f, *ins)] for f in fs] if len(fs) == 2 else []
+    err = max((float(abs(a - b).max()) for a, b in zip(*res)), default=math.nan)
+    rel = max((float(((a - b) ** 2).mean() ** 0.5 / (((a ** 2).mean() ** 0.5) + 1e-30)) for a, b in zip(*res)), default=math.nan)
+    shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} q {dt}" + (f" top{topk}" if agg == "ssc" else "")
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      t = [ms(TinyJit(functools.partial(fn, f)), *ins) for f in fs]
+      rows.append((f"cache_read {agg} {name}", shape, err, rel, *([math.nan] * (2 - len(t))), *t))
+  return rows
 
 # **** validation and benchmark ****

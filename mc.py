@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, dtypes, nn
+from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.uop.ops import Ops
 import kernels
 
 CORES, AGGS = ("la", "swla", "dla", "titans"), ("none", "residual", "grm", "soup", "ssc", "mean")
@@ -71,10 +72,14 @@ class MCConfig:
 
 # ***** memory cores, chunkwise-parallel *****
 
-def _pad_time(x:Tensor, n:int, axis:int) -> Tensor:
-  # zero tokens at the end: causal cores never let them reach earlier outputs
+def _pad_time(x:Tensor, n:int, axis:int, value:float=0.0) -> Tensor:
+  # extra tokens at the end: causal cores never let them reach earlier outputs
   if n == 0: return x
-  return x.pad(tuple((0, n) if i == axis % x.ndim else None for i in range(x.ndim)))
+  return x.pad(tuple((0, n) if i == axis % x.ndim else None for i in range(x.ndim)), value=value)
+
+def _pad_gates(gates:dict, n:int, axis:int) -> dict:
+  # padded tokens write nothing (e = 0) and keep decays finite (a = b = 1: log 0 would turn the decay matrices into NaN)
+  return {g: _pad_time(x, n, axis, 0.0 if g == "e" else 1.0) for g, x in gates.items()}
 
 def decay(lg:Tensor) -> Tensor:
   # lg (..., T) log decays -> P (..., T, T) with P[t, j] = prod_{j<i<=t} exp(lg_i) for j <= t, else 0
@@ -319,13 +324,13 @@ def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig,
   W1, W2 = init["W1"].float(), init["W2"].float()
   if indep:
     fold = lambda x: _pad_time(x, ns * C - L, 2).reshape(B, H, ns, C, *x.shape[3:])
-    m = deep_scan(cfg.core, fold(k), fold(v), {g: fold(x) for g, x in gates.items()}, W1.unsqueeze(1), W2.unsqueeze(1), T)
+    m = deep_scan(cfg.core, fold(k), fold(v), {g: x.reshape(B, H, ns, C) for g, x in _pad_gates(gates, ns * C - L, 2).items()}, W1.unsqueeze(1), W2.unsqueeze(1), T)
     chunked = lambda x: fold(x).reshape(B, H, ns, C // T, T, x.shape[-1])
     unchunk = lambda y: y.reshape(B, H, ns * C, y.shape[-1])[:, :, :L]
     ends = lambda W: W[:, :, :, -1]                                          # (B,H,ns,...) weights at each segment's end
   else:
     Lp = -(-L // T) * T
-    m = deep_scan(cfg.core, _pad_time(k, Lp - L, 2), _pad_time(v, Lp - L, 2), {g: _pad_time(x, Lp - L, 2) for g, x in gates.items()}, W1, W2, T)
+    m = deep_scan(cfg.core, _pad_time(k, Lp - L, 2), _pad_time(v, Lp - L, 2), _pad_gates(gates, Lp - L, 2), W1, W2, T)
     chunked = lambda x: _pad_time(x, Lp - L, 2).reshape(B, H, Lp // T, T, x.shape[-1])
     unchunk = lambda y: y.reshape(B, H, Lp, y.shape[-1])[:, :, :L]
     ends = lambda W: W[:, :, C // T - 1::C // T]
@@ -539,6 +544,7 @@ class Model:
     self.emb = Tensor.normal(cfg.vocab, cfg.dim, std=0.02)
     self.blocks = [Block(cfg) for _ in range(cfg.n_layers)]
     self.norm = Tensor.ones(cfg.dim)
+    self._jits, self._plans = {}, {}                                       # decode steps captured by TinyJit, by state structure
 
   def _logits(self, x:Tensor) -> Tensor: return _rms(x, self.norm).float() @ self.emb.T
 
@@ -550,16 +556,45 @@ class Model:
 
   def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.init_state(B) for blk in self.blocks]}
 
-  def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
-    # one token per sequence (B,) -> logits (B,vocab) and the next state; realises both so the graph stays one token deep
+  def _step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     x = self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
     new = []
     for blk, st in zip(self.blocks, state["blocks"]):
       x, st = blk.step(x, st)
       new.append(st)
     logits = self._logits(x)[:, 0]
-    Tensor.realize(logits, *_tensors(new))
+    Tensor.realize(logits, *_leaves(new))
     return logits, {"t": state["t"] + 1, "blocks": new}
+
+  def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
+    """One token per sequence (B,) -> logits (B,vocab) and the next state. The state is consumed: reuse only the returned one.
+    Inside a segment the step's kernels are the same every token, so they are captured once with TinyJit and replayed;
+    the first and last token of a segment, a deep core's chunk start and attention (whose cache grows) run eagerly."""
+    t, C, T = state["t"], self.cfg.segment, self.cfg.chunk
+    if self.cfg.mixer == "attn" or t % C in (0, C - 1) or (self.cfg.core in ("dla", "titans") and t % T == 0): return self._step(tokens, state)
+    # the state's tensors in traversal order (an entry may share one with the online state); the JIT takes distinct buffers
+    own = {id(x): x if x.uop.op is Ops.BUFFER else x.clone().realize() for x in _leaves(state)}   # views (a replay's outputs) become buffers
+    flat = [own[id(x)] for x in _leaves(state)]
+    ins = list({x.uop: x for x in flat}.values())
+    where = [[u.uop for u in ins].index(x.uop) for x in flat]
+    key = (_structure(state), tokens.shape, tuple(where))
+    if key not in self._jits:
+      def fn(tok:Tensor, ts:list[Tensor], template=state, where=where, key=key):
+        logits, new = self._step(tok, _rebuild(template, iter([ts[i] for i in where])))
+        # a leaf of the new state either passes an input through (the cache) or is computed: replays return fresh outputs only
+        pos = {id(x): i for i, x in enumerate(ts)}
+        outs = list({id(x): x for x in _leaves(new) if id(x) not in pos}.values())
+        opos = {id(x): i for i, x in enumerate(outs)}
+        self._plans[key] = [("in", pos[id(x)]) if id(x) in pos else ("out", opos[id(x)]) for x in _leaves(new)]
+        return [logits, *outs]
+      self._jits[key] = TinyJit(fn)
+    if (cap := self._jits[key].captured) is not None:
+      # a state tensor passed straight through may live in a buffer the replay overwrites (the previous replay's output): copy it
+      passed = {i for src, i in self._plans[key] if src == "in"}
+      ins = [x.clone().realize() if i in passed and x.uop.base in cap._written_uops else x for i, x in enumerate(ins)]
+    logits, *outs = self._jits[key](tokens.contiguous().realize(), ins)
+    # inside a segment the structure does not change: the same state with new tensors, one token later
+    return logits, _rebuild(state, iter([ins[i] if src == "in" else outs[i] for src, i in self._plans[key]]), dt=1)
 
   def generate(self, prompt:Tensor|np.ndarray, n:int, temperature:float=1.0, seed:int=0) -> np.ndarray:
     # feed the prompt token by token, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int
@@ -577,9 +612,23 @@ class Model:
       out.append(nxt[:, None].astype(np.int32))
     return np.concatenate(out, axis=1)
 
-def _tensors(x) -> list[Tensor]:
-  # every Tensor inside a nested state of dicts, lists and tuples
+def _structure(x):
+  # everything but the tensors and the position: what decides the Python control flow of a step
+  if isinstance(x, Tensor): return ("T", x.shape, x.dtype)
+  if isinstance(x, dict): return tuple((k, _structure(v)) for k, v in x.items() if k != "t")
+  if isinstance(x, (list, tuple)): return (type(x).__name__, *(_structure(v) for v in x))
+  return x
+
+def _leaves(x) -> list[Tensor]:
+  # the tensors of a nested state in traversal order, repeats included
   if isinstance(x, Tensor): return [x]
-  if isinstance(x, dict): return [t for v in x.values() for t in _tensors(v)]
-  if isinstance(x, (list, tuple)): return [t for v in x for t in _tensors(v)]
-  return []
+  vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+  return [t for v in vals for t in _leaves(v)]
+
+def _rebuild(x, it, dt:int=0):
+  # the same nested state with its tensors taken in _leaves order from `it` and every position "t" moved on by dt
+  if isinstance(x, Tensor): return next(it)
+  if isinstance(x, dict): return {k: v + dt if k == "t" else _rebuild(v, it, dt) for k, v in x.items()}
+  if isinstance(x, (list, tuple)): return type(x)(_rebuild(v, it, dt) for v in x)
+  return x
+

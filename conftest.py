@@ -1,0 +1,8 @@
+# pytest from the repository root: mc.py, kernels.py, train.py and eval.py import as top-level modules
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "kernels: runs memory_mix with cfg.kernels=True (custom UOp kernels)")
+  config.addinivalue_line("markers", "grid_full: oracle grid cases beyond the CI tier")
+  config.addinivalue_line("markers", "slow: long tests left out of the CI tier")

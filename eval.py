@@ -1,0 +1,155 @@
+"""
+tinymc evaluation of a trained run: language modelling at longer contexts, needle-in-a-haystack, MQAR recall.
+
+  python eval.py ppl  --ckpt=runs/default                          # val bits per byte at 1x, 2x, 4x the training length
+  python eval.py ppl  --ckpt=runs/none --agg=mean --segment=512    # post-training memory caching of an agg=none model (4.3)
+  python eval.py niah --ckpt=runs/default --limit=4                # NIAH-1/2/3 accuracy over lengths x depths
+  python eval.py mqar --ckpt=runs/mqar                             # MQAR accuracy over (seq_len, num_kv_pairs)
+
+Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
+the same weights. Each command prints a table and writes it as JSON into the run folder, eval_<command>[-<overrides>].json.
+NIAH is scored by exact match of the answer bytes: teacher-forced argmax at every answer position (which equals greedy
+decoding: a wrong byte already fails the example), or with --generate by model.generate at temperature 0.
+"""
+import dataclasses, json, math, sys, typing
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+from tqdm import tqdm
+from tinygrad import Context, Device
+import train
+from mc import MCConfig
+from data import load_corpus, mqar_batch, niah_example
+from data.tasks import niah_min_length
+
+@dataclass
+class EvalConfig:
+  ckpt: str = ""                       # the run folder to evaluate, runs/<name>
+  limit: int = 0                       # examples per cell (ppl: windows per length); 0 = the command's default
+  batch: int = 8                       # sequences per forward pass
+  mults: tuple[int, ...] = (1, 2, 4)   # ppl, niah, mqar: lengths as multiples of the training length
+  lengths: tuple[int, ...] = ()        # niah and mqar: lengths in tokens instead of mults
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)   # niah: needle depths
+  tasks: tuple[int, ...] = (1, 2, 3)   # niah: which S-NIAH tasks
+  generate: bool = False               # niah: decode the answer with model.generate (greedy) instead of teacher-forced argmax
+  kvs: tuple[int, ...] = (4, 8, 16, 32, 64)   # mqar: key-value pairs per sequence
+  data: str = ""                       # ppl: corpus to take the val split of; "" = the run's own
+  seed: int = 0                        # example generation
+
+def load(ec:EvalConfig, overrides:dict):
+  if not ec.ckpt: raise ValueError("--ckpt=runs/<name> is required")
+  cfg, model = train.load_model(Path(ec.ckpt), **overrides)
+  step = json.loads((train.ckpt_dir(Path(ec.ckpt)) / "state.json").read_text())["step"]
+  print(f"{ec.ckpt} at step {step} | device {Device.DEFAULT} | dtype {cfg.model.dtype} | overrides {overrides or 'none'}")
+  return cfg, model
+
+def batched(x:np.ndarray, B:int):
+  # (N, ...) in batches of exactly B rows, the last one padded with copies of the last row; yields (batch, real rows)
+  for i in range(0, len(x), B):
+    b = x[i:i + B]
+    yield np.concatenate([b, np.repeat(b[-1:], B - len(b), axis=0)]), len(b)
+
+def run_batches(score, x:np.ndarray, y:np.ndarray, B:int, desc:str) -> tuple[np.ndarray, np.ndarray]:
+  # score every row of x, y (N, L) in fixed-size batches: one compiled graph per length
+  preds, nlls = [], []
+  for (xb, n), (yb, _) in tqdm(zip(batched(x, B), batched(y, B)), total=-(-len(x) // B), desc=desc, leave=False):
+    p, l = score(xb, yb)
+    preds.append(p[:n]); nlls.append(l[:n])
+  return np.concatenate(preds), np.concatenate(nlls)
+
+def lengths(ec:EvalConfig, cfg:train.TrainConfig) -> tuple[int, ...]: return ec.lengths or tuple(m * cfg.seq_len for m in ec.mults)
+
+def table(header:list[str], rows:list[list]) -> str:
+  cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+  w = [max(len(h), *(len(cell(r[i])) for r in rows)) for i, h in enumerate(header)]
+  return "\n".join("  ".join(cell(v).rjust(n) for v, n in zip(r, w)) for r in [header, *rows])
+
+# ***** commands: each takes the eval config and the model overrides, prints a table and returns what goes into the JSON *****
+
+def ppl(ec:EvalConfig, overrides:dict) -> dict:
+  """Validation bits per byte at each length; bpb_beyond counts only the positions past the training length."""
+  cfg, model = load(ec, overrides)
+  if cfg.task != "lm": raise ValueError(f"ppl measures a language model; {ec.ckpt} was trained on task {cfg.task!r}")
+  val, score, rows = load_corpus(ec.data or cfg.data or None, "val"), train.scorer(model), []
+  for L in lengths(ec, cfg):
+    if len(val) < L + 1:
+      print(f"skipping length {L}: the val split has only {len(val)} bytes")
+      continue
+    w = val[np.linspace(0, len(val) - L - 1, ec.limit or 64).astype(np.int64)[:, None] + np.arange(L + 1)].astype(np.int32)
+    _, nll = run_batches(score, w[:, :-1], w[:, 1:], ec.batch, f"ppl L={L}")
+    beyond = float(nll[:, cfg.seq_len:].mean() / math.log(2)) if L > cfg.seq_len else None
+    rows.append({"length": L, "windows": len(w), "bpb": float(nll.mean() / math.log(2)), "bpb_beyond": beyond})
+  print(table(["length", "windows", "bpb", "bpb_beyond"], [list(r.values()) for r in rows]))
+  return {"rows": rows}
+
+def niah(ec:EvalConfig, overrides:dict) -> dict:
+  """Exact-match accuracy of NIAH-1/2/3 (data/tasks.py, evaluation needles) for every length and depth."""
+  cfg, model = load(ec, overrides)
+  ok = [L for L in lengths(ec, cfg) if L >= niah_min_length()]
+  if not ok: raise ValueError(f"NIAH needs lengths >= {niah_min_length()} bytes, got {lengths(ec, cfg)}; give e.g. --lengths=512,1024")
+  if skipped := sorted(set(lengths(ec, cfg)) - set(ok)): print(f"skipping lengths {skipped}: shorter than a NIAH example ({niah_min_length()} bytes)")
+  score, rng, rows, n = train.scorer(model), np.random.default_rng(ec.seed), [], ec.limit or 10
+  for task in ec.tasks:
+    for L in ok:
+      ex = [(d, *niah_example(task, L, d, rng, "eval")) for d in ec.depths for _ in range(n)]
+      toks, a, k = np.stack([e[1] for e in ex]).astype(np.int32), ex[0][2], ex[0][3]   # one task and length: one answer place
+      if ec.generate:
+        bar = tqdm(batched(toks, ec.batch), total=-(-len(toks) // ec.batch), desc=f"NIAH-{task} L={L} generate", leave=False)
+        out = np.concatenate([model.generate(xb[:, :a], k, temperature=0)[:m, a:] for xb, m in bar])
+        hit = (out == toks[:, a:]).all(1)
+      else:
+        # the prediction at position i is of token i + 1: the answer's bytes are predicted at a-1 .. a+k-2
+        pred, _ = run_batches(score, toks, np.zeros_like(toks), ec.batch, f"NIAH-{task} L={L}")
+        hit = (pred[:, a - 1:a + k - 1] == toks[:, a:a + k]).all(1)
+      depth = np.array([e[0] for e in ex])
+      rows += [{"task": task, "length": L, "depth": d, "n": n, "acc": float(hit[depth == d].mean())} for d in ec.depths]
+  cells = {(r["task"], r["length"], r["depth"]): r["acc"] for r in rows}
+  accs = {(t, L): [cells[t, L, d] for d in ec.depths] for t in ec.tasks for L in ok}
+  print(table(["task", "length", *[f"d={d:g}" for d in ec.depths], "mean"], [[f"NIAH-{t}", L, *a, float(np.mean(a))] for (t, L), a in accs.items()]))
+  return {"rows": rows, "scoring": "generate" if ec.generate else "teacher-forced argmax"}
+
+def mqar(ec:EvalConfig, overrides:dict) -> dict:
+  """Accuracy on the answers of MQAR sequences (data/tasks.py) over a grid of (seq_len, num_kv_pairs)."""
+  cfg, model = load(ec, overrides)
+  score, rng, rows, n, V = train.scorer(model), np.random.default_rng([ec.seed, 2]), [], ec.limit or 256, cfg.model.vocab
+  for T in lengths(ec, cfg):
+    for kv in ec.kvs:
+      # a cell that cannot hold its pairs (4 kv > T, or too few keys in the vocabulary) stays empty
+      if 4 * kv > T or V < 2 * (kv + 1):
+        rows.append({"seq_len": T, "kv": kv, "n": 0, "acc": None})
+        continue
+      x, y, mask = mqar_batch(n, T, kv, vocab=V, seed=rng)
+      pred, _ = run_batches(score, x, y, ec.batch, f"mqar T={T} kv={kv}")
+      rows.append({"seq_len": T, "kv": kv, "n": n, "acc": float((pred == y)[mask].mean())})
+  cells = {(r["seq_len"], r["kv"]): r["acc"] for r in rows}
+  print(table(["seq_len", *[f"kv={kv}" for kv in ec.kvs]], [[T, *[cells[T, kv] for kv in ec.kvs]] for T in lengths(ec, cfg)]))
+  return {"rows": rows}
+
+COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar}
+
+def evaluate(cmd:str, argv:list[str]) -> dict:
+  """Run one command with --key=value arguments (EvalConfig fields, and MCConfig fields as overrides); returns its JSON dict."""
+  if cmd not in COMMANDS: raise ValueError(f"unknown command {cmd!r}: allowed values are {tuple(COMMANDS)}")
+  eh, mh = train._hints(EvalConfig), train._hints(MCConfig)
+  kv = train.parse_kv(argv, {**eh, **mh})
+  ec, overrides = EvalConfig(**{k: v for k, v in kv.items() if k in eh}), {k: v for k, v in kv.items() if k not in eh}
+  with Context(**train.cpu_defaults()): res = {"command": cmd, "eval": dataclasses.asdict(ec), "overrides": overrides, **COMMANDS[cmd](ec, overrides)}
+  if ec.ckpt:
+    out = Path(ec.ckpt) / ("eval_" + "-".join([cmd, *(f"{k}={v}" for k, v in overrides.items())]) + ".json")
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+  return res
+
+def main(argv:list[str]|None=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help"):
+    opts = " ".join(f"--{k}" for k in train._hints(EvalConfig))
+    print(f"{__doc__}\ncommands: {', '.join(COMMANDS)}\noptions: {opts}, and any MCConfig field")
+    return 0 if argv else 2
+  try: evaluate(argv[0], argv[1:])
+  except ValueError as e:
+    print(f"eval.py: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+if __name__ == "__main__": sys.exit(main())

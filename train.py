@@ -1,0 +1,362 @@
+"""
+tinymc training: a memory-caching language model on bytes (or an MQAR recall model), AdamW with warm-up and cosine decay.
+
+  python train.py                              # the default preset: swla + grm on the stdlib's source, a few minutes on a GPU
+  python train.py --preset=smoke               # a tiny run that finishes within a minute on a laptop CPU
+  python train.py --core=titans --segment=128  # any TrainConfig or MCConfig field, as --key=value
+  python train.py --resume=runs/default        # continue a run exactly where its last checkpoint left it
+  DEV=CUDA BEAM=2 python train.py --preset=gpu # tinygrad's own knobs (DEV, BEAM, DEBUG, JIT, NOOPT) are read as usual
+
+One @TinyJit step does the forward, cross-entropy, backward, global-norm gradient clipping and the AdamW update; the lr is a
+Tensor written before each step, so the jitted step follows the schedule. A run lives in <out>/<name>/: log.txt (the resolved
+config, versions and device, then one line per step), config.json, and ckpt/ with model.safetensors, optim.safetensors and
+state.json (step, data generator state, validation history). A checkpoint is written to ckpt.tmp/ and renamed into place, the
+old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/ (or, between the two renames, in
+ckpt.old/, which loading falls back to).
+"""
+import dataclasses, difflib, importlib.metadata, json, math, os, platform, shutil, sys, time, typing
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+from tqdm import tqdm
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes
+from tinygrad.helpers import BEAM, JIT, NOOPT, PARALLEL
+from tinygrad.nn.optim import AdamW, OptimizerGroup
+from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+from mc import MCConfig, Model
+from data import IGNORE, Batches, load_corpus, mqar_batch
+
+@dataclass
+class TrainConfig:
+  model: MCConfig = field(default_factory=MCConfig)   # the model; its fields are set with --key=value like these
+  preset: str = "default"     # the preset these values start from (--preset=...); names the run unless --name is given
+  task: str = "lm"            # "lm" next-byte prediction on a corpus, "mqar" multi-query associative recall (vocab >= 2 kv + 2)
+  data: str = ""              # lm: a text file or folder of them; "" = the Python standard library's own .py source
+  niah_mix: float = 0.0       # lm: share of training windows that carry a needle and its question (training needles only)
+  mqar_kv: int = 16           # mqar: key-value pairs in every training and validation sequence
+  seq_len: int = 512          # tokens per training window
+  batch_size: int = 16        # windows per step
+  steps: int = 1500           # optimizer steps; the lr schedule spans them
+  stop_at: int = 0            # stop (and checkpoint) after this step, 0 = run to `steps`; the schedule still spans `steps`
+  lr: float = 2e-3            # peak learning rate
+  min_lr: float = 0.1         # the cosine decays to this fraction of lr at `steps`
+  warmup: int = 100           # linear warm-up steps
+  weight_decay: float = 0.1   # AdamW's decoupled weight decay, on matrices only (not on norms and biases)
+  b1: float = 0.9             # AdamW first-moment decay
+  b2: float = 0.95            # AdamW second-moment decay
+  grad_clip: float = 1.0      # the global gradient norm is clipped to this
+  eval_every: int = 250       # validate every this many steps, and at the start and the end
+  eval_batches: int = 8       # validation set: this many batches of fixed windows, the same at every validation
+  ckpt_every: int = 500       # checkpoint every this many steps, and at the end
+  seed: int = 0               # model initialisation and data order
+  out: str = "runs"           # parent folder of the run folders
+  name: str = ""              # run folder <out>/<name>; "" = the preset's name
+  resume: str = ""            # a run folder to continue exactly; its config is the base that --key=value changes
+
+  def __post_init__(self):
+    if self.task not in ("lm", "mqar"): raise ValueError(f"--task={self.task!r}: allowed values are ('lm', 'mqar')")
+    for k in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "ckpt_every", "mqar_kv"):
+      if getattr(self, k) < 1: raise ValueError(f"--{k}={getattr(self, k)}: must be >= 1")
+    if not 0 <= self.stop_at <= self.steps: raise ValueError(f"--stop_at={self.stop_at}: must be in [0, steps={self.steps}]")
+    if self.lr <= 0 or self.warmup < 0 or self.grad_clip <= 0 or not 0 <= self.min_lr <= 1:
+      raise ValueError(f"need lr > 0, warmup >= 0, grad_clip > 0 and 0 <= min_lr <= 1, got {self.lr}, {self.warmup}, {self.grad_clip}, {self.min_lr}")
+    if self.task == "lm" and self.model.vocab < 256: raise ValueError(f"--vocab={self.model.vocab}: task 'lm' reads bytes, needs vocab >= 256")
+
+# Every preset's comment: measured time and final validation result, on named hardware, with the command.
+PRESETS: dict[str, dict] = {
+  # 2-core CPU (the dev box, DEV=CPU, idle): 27 s wall, 947 tok/s once compiled, val bpb 7.96 -> 4.60 (`python train.py --preset=smoke`)
+  "smoke": dict(dim=64, n_layers=2, n_heads=2, segment=32, chunk=16, seq_len=128, batch_size=4, steps=20, warmup=2, lr=4e-3,
+                eval_every=10, eval_batches=2, ckpt_every=10),
+  # TBD: measured by the lead on the H100 (`DEV=CUDA python train.py`)
+  "default": dict(dim=256, n_layers=4, n_heads=4, core="swla", agg="grm", segment=128, chunk=64, seq_len=512, batch_size=16),
+  # TBD: measured by the lead on the H100 (`DEV=CUDA python train.py --preset=gpu`)
+  "gpu": dict(dim=512, n_layers=8, n_heads=8, core="swla", agg="grm", segment=256, chunk=64, seq_len=1024, batch_size=16, steps=3000,
+              lr=1e-3, warmup=200, dtype="bfloat16", eval_every=500, ckpt_every=1000),
+  # TBD: measured by the lead on the H100 (`DEV=CUDA python train.py --preset=mqar`)
+  "mqar": dict(task="mqar", vocab=8192, dim=128, n_layers=2, n_heads=2, core="swla", agg="grm", segment=64, chunk=32, seq_len=256,
+               mqar_kv=16, batch_size=64, steps=2000, lr=1e-3, eval_every=250, ckpt_every=1000),
+}
+
+# ***** config from the command line *****
+
+def _hints(cls) -> dict[str, type]: return {k: v for k, v in typing.get_type_hints(cls).items() if k != "model"}
+
+def typed(key:str, text:str, hint:type):
+  # "--key=text" as the field's type: int, float, bool, str, or tuple[int|float, ...] written "a,b,c"
+  if text == "": raise ValueError(f"--{key}= needs a value")
+  if typing.get_origin(hint) is tuple: return tuple(typed(key, t, typing.get_args(hint)[0]) for t in text.split(","))
+  try:
+    if hint is bool:
+      if text.lower() not in ("1", "0", "true", "false"): raise ValueError
+      return text.lower() in ("1", "true")
+    return hint(text)
+  except ValueError: raise ValueError(f"--{key}={text!r}: expected {getattr(hint, '__name__', hint)}") from None
+
+def parse_kv(argv:list[str], known:dict[str, type]) -> dict[str, typing.Any]:
+  # ["--key=value", ...] -> {key: typed value}; unknown keys are refused with the closest known names
+  out = {}
+  for a in argv:
+    if not a.startswith("--") or "=" not in a: raise ValueError(f"arguments are --key=value, got {a!r}")
+    k, v = a[2:].split("=", 1)
+    if k not in known:
+      close = difflib.get_close_matches(k, known, n=3)
+      raise ValueError(f"unknown option --{k}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
+    out[k] = typed(k, v, known[k])
+  return out
+
+def configure(base:TrainConfig, overrides:dict) -> TrainConfig:
+  # set TrainConfig and MCConfig fields by name (both validate themselves)
+  mk = {k: v for k, v in overrides.items() if k in _hints(MCConfig)}
+  tk = {k: v for k, v in overrides.items() if k not in mk}
+  return dataclasses.replace(base, **tk, model=dataclasses.replace(base.model, **mk))
+
+def parse_args(argv:list[str]) -> TrainConfig:
+  """--preset=NAME then --key=value overrides of TrainConfig and MCConfig fields; --resume=RUN starts from that run's config."""
+  kv = parse_kv(argv, {**_hints(TrainConfig), **_hints(MCConfig)})
+  preset = kv.get("preset", "default")
+  if preset not in PRESETS: raise ValueError(f"unknown preset --preset={preset!r}: allowed values are {tuple(PRESETS)}")
+  if kv.get("resume"):
+    # a resumed run keeps its config; a preset given again must agree with it on the model (train() checks)
+    return configure(load_config(Path(kv["resume"])), {"stop_at": 0, **(PRESETS[preset] if "preset" in kv else {}), **kv})
+  return configure(TrainConfig(), {**PRESETS[preset], **kv})
+
+def load_config(run:Path) -> TrainConfig:
+  p = Path(run) / "config.json"
+  if not p.is_file(): raise ValueError(f"{run}: no run there ({p} is missing)")
+  d = json.loads(p.read_text())
+  return TrainConfig(**{**d, "model": MCConfig(**d["model"])})
+
+# ***** device and data *****
+
+def check_dtype(dtype:str):
+  # the renderer's list first, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
+  dt = getattr(dtypes, dtype)
+  if dt == dtypes.float32: return
+  ok = dt in Device[Device.DEFAULT].renderer.supported_dtypes()
+  try: ok = ok and (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
+  except Exception: ok = False
+  if not ok: raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
+
+def cpu_defaults() -> dict:
+  # On the CPU, tinygrad's kernel optimiser spends minutes generating code for a training graph (upcast, unrolled kernels) and
+  # its compile pool respawns worker processes every 16 kernels: for the small models trained on a CPU, plain kernels built in
+  # this process start 20x sooner (smoke: 15 s to the first step instead of 5 min on 2 cores) and run 2-3x slower.
+  # Defaults only: NOOPT= or PARALLEL= set in the environment win.
+  if Device.DEFAULT != "CPU": return {}
+  return {k: v for k, v in (("NOOPT", 1), ("PARALLEL", 0)) if k not in os.environ}
+
+class MQAR:
+  """MQAR training batches from a seeded generator, with the state()/load_state() of data.Batches."""
+  def __init__(self, cfg:TrainConfig, seed):
+    self.cfg, self.rng = cfg, np.random.default_rng(seed)
+    mqar_batch(1, cfg.seq_len, cfg.mqar_kv, cfg.model.vocab, seed=0)    # raises on an impossible (seq_len, kv, vocab)
+  def next(self) -> tuple[np.ndarray, np.ndarray]:
+    return mqar_batch(self.cfg.batch_size, self.cfg.seq_len, self.cfg.mqar_kv, self.cfg.model.vocab, seed=self.rng)[:2]
+  def state(self) -> dict: return {"rng": self.rng.bit_generator.state}
+  def load_state(self, state:dict): self.rng.bit_generator.state = state["rng"]
+
+def make_data(cfg:TrainConfig) -> tuple[Batches|MQAR, list[tuple[np.ndarray, np.ndarray]]]:
+  """The training batches and the fixed validation batches."""
+  B, L, n = cfg.batch_size, cfg.seq_len, cfg.eval_batches
+  if cfg.task == "mqar":
+    val = MQAR(cfg, [cfg.seed, 1])
+    return MQAR(cfg, cfg.seed), [val.next() for _ in range(n)]
+  where = f"--data={cfg.data}" if cfg.data else "the stdlib corpus"
+  try: train = Batches(load_corpus(cfg.data or None, "train"), B, L, seed=cfg.seed, niah_mix=cfg.niah_mix)
+  except ValueError as e: raise ValueError(f"{where}, train split: {e}") from None
+  v = load_corpus(cfg.data or None, "val")
+  if len(v) < L + 1: raise ValueError(f"{where}: the val split has {len(v)} bytes, shorter than one window of seq_len + 1 = {L + 1}")
+  # evenly spaced windows over the val split: the same set at every validation and in every run
+  w = v[np.linspace(0, len(v) - L - 1, n * B).astype(np.int64)[:, None] + np.arange(L + 1)].astype(np.int32)
+  return train, [(w[i * B:(i + 1) * B, :-1], w[i * B:(i + 1) * B, 1:]) for i in range(n)]
+
+# ***** scoring, checkpoints *****
+
+def scorer(model:Model):
+  """(x, y) int arrays (B,L) -> argmax prediction and negative log-likelihood of y per token, as arrays. One TinyJit per shape.
+  y may hold IGNORE (scored as y=0; mask it out)."""
+  jits = {}
+  def fwd(x:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
+    logp = model(x).log_softmax(-1)
+    pred, nll = logp.argmax(-1).cast(dtypes.int32), -logp.gather(-1, y.maximum(0).unsqueeze(-1))[..., 0]
+    Tensor.realize(pred, nll)
+    return pred, nll
+  def score(x:np.ndarray, y:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    jit = jits.setdefault(x.shape, TinyJit(fwd))
+    pred, nll = jit(Tensor(np.ascontiguousarray(x, dtype=np.int32)), Tensor(np.ascontiguousarray(y, dtype=np.int32)))
+    return pred.numpy(), nll.numpy()
+  return score
+
+def validate(score, val:list) -> dict:
+  # mean loss (nats) over the scored tokens, bits per byte (= per token), next-token accuracy
+  nll, hit, n = 0.0, 0, 0
+  for x, y in val:
+    pred, l = score(x, y)
+    m = y != IGNORE
+    nll, hit, n = nll + float(l[m].sum()), hit + int((pred[m] == y[m]).sum()), n + int(m.sum())
+  return {"loss": nll / n, "bpb": nll / n / math.log(2), "acc": hit / n}
+
+def optim_state(opt:OptimizerGroup) -> dict[str, Tensor]:
+  # Adam's moments, step decays and lr: the optimizer's own tensors, without the parameters it points at
+  return {k: t for k, t in get_state_dict(opt).items() if not {"params", "buffers"} & set(k.split("."))}
+
+def ckpt_dir(run:Path) -> Path:
+  # ckpt/ holds the last checkpoint; only a kill between save()'s two renames leaves it in ckpt.old/ alone
+  for d in (run / "ckpt", run / "ckpt.old"):
+    if (d / "state.json").is_file(): return d
+  raise ValueError(f"{run}: no checkpoint there (no ckpt/state.json)")
+
+def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
+  tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  safe_save(get_state_dict(model), str(tmp / "model.safetensors"), {"step": str(state["step"])})
+  safe_save(optim_state(opt), str(tmp / "optim.safetensors"), {"step": str(state["step"])})
+  (tmp / "state.json").write_text(json.dumps(state))
+  if cur.exists():
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(cur, old)
+  os.replace(tmp, cur)
+  shutil.rmtree(old, ignore_errors=True)
+
+def load_tensors(obj, path:Path):
+  # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error
+  sd, want = safe_load(str(path)), obj if isinstance(obj, dict) else get_state_dict(obj)
+  if missing := sorted(set(want) - set(sd)): raise ValueError(f"{path}: lacks {missing[:5]} (saved from a different config?)")
+  for k, t in want.items():
+    if t.shape != sd[k].shape: raise ValueError(f"{path}: {k} has shape {sd[k].shape}, the model needs {t.shape} (saved from a different config?)")
+  for k, t in want.items(): t.replace(sd[k].to(t.device)).realize()
+
+def load_model(run:Path, **overrides) -> tuple[TrainConfig, Model]:
+  """The model of a run folder with its last checkpoint's weights; overrides replace MCConfig fields (e.g. agg="mean")."""
+  cfg = load_config(run)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
+  check_dtype(cfg.model.dtype)
+  model = Model(cfg.model)
+  load_tensors(model, ckpt_dir(Path(run)) / "model.safetensors")
+  return cfg, model
+
+def lr_at(cfg:TrainConfig, step:int) -> float:
+  # linear warm-up to lr over `warmup` steps, then cosine decay to min_lr * lr at `steps`; step counts from 0
+  if step < cfg.warmup: return cfg.lr * (step + 1) / cfg.warmup
+  frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+  return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+# ***** training *****
+
+def train(cfg:TrainConfig) -> dict:
+  """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
+  with Context(**cpu_defaults()): return _train(cfg)
+
+def _train(cfg:TrainConfig) -> dict:
+  check_dtype(cfg.model.dtype)
+  run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or cfg.preset)
+  if cfg.resume and (saved := load_config(run).model) != cfg.model:
+    diff = [f.name for f in dataclasses.fields(MCConfig) if getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    raise ValueError(f"--resume={run}: the checkpoint's model has " + ", ".join(f"{k}={getattr(saved, k)!r}" for k in diff) +
+                     "; this run asks for " + ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in diff))
+  data, val = make_data(cfg)
+  Tensor.manual_seed(cfg.seed)
+  model = Model(cfg.model)
+  params = get_state_dict(model)
+  # weight decay on matrices only: norms, gate biases and other vectors keep their scale
+  opt = OptimizerGroup(*(AdamW([p for p in params.values() if (p.ndim > 1) == decay], lr=cfg.lr, b1=cfg.b1, b2=cfg.b2,
+                               weight_decay=cfg.weight_decay if decay else 0.0) for decay in (True, False)))
+  state = {"step": 0, "data": None, "val": [], "best_val": None, "train_time_s": 0.0, "tokens": 0}
+  if cfg.resume:
+    ck = ckpt_dir(run)
+    load_tensors(model, ck / "model.safetensors")
+    load_tensors(optim_state(opt), ck / "optim.safetensors")
+    state = json.loads((ck / "state.json").read_text())
+    data.load_state(state["data"])
+  else:
+    run.mkdir(parents=True, exist_ok=True)
+    for d in ("ckpt", "ckpt.old", "ckpt.tmp"): shutil.rmtree(run / d, ignore_errors=True)
+    (run / "log.txt").write_text("")
+  # realized buffers from the first step on, so the first call compiles the same graph that the jit captures and replays
+  Tensor.realize(*params.values(), *optim_state(opt).values())
+  conf = dataclasses.asdict(cfg)
+  (run / "config.json").write_text(json.dumps(conf, indent=1))
+  def say(line:str, echo:bool=True):
+    with open(run / "log.txt", "a") as f: f.write(line + "\n")
+    if echo: tqdm.write(line)
+  versions = f"python {platform.python_version()} | tinygrad {importlib.metadata.version('tinygrad')} | numpy {np.__version__}"
+  knobs = f"NOOPT={NOOPT.value} PARALLEL={PARALLEL.value} BEAM={BEAM.value} JIT={JIT.value}"
+  say(f"{'resumed at step ' + str(state['step']) if cfg.resume else 'run'} {run} | {versions}")
+  say(f"device {Device.DEFAULT} | dtype {cfg.model.dtype} | {knobs} | params {sum(p.numel() for p in params.values()):,}")
+  say("train " + " ".join(f"{k}={v}" for k, v in conf.items() if k != "model"))
+  say("model " + " ".join(f"{k}={v}" for k, v in conf["model"].items()))
+
+  @TinyJit
+  @Context(TRAINING=1)
+  def step(x:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
+    opt.zero_grad()
+    loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE).backward()
+    gnorm = Tensor.stack(*[p.grad.float().square().sum() for p in opt.params]).sum().sqrt()
+    for p in opt.params: p.grad = p.grad * (cfg.grad_clip / (gnorm + 1e-6)).minimum(1.0)
+    Tensor.realize(loss, gnorm, *opt.schedule_step())
+    return loss, gnorm
+
+  score, end, B, L = scorer(model), cfg.stop_at or cfg.steps, cfg.batch_size, cfg.seq_len
+  def evaluate(s:int):
+    v = validate(score, val)
+    state["val"].append({"step": s, **v})
+    if state["best_val"] is None or v["loss"] < state["best_val"]: state["best_val"] = v["loss"]
+    say(f"val  {s:05d}/{cfg.steps:05d} | loss {v['loss']:.4f} | bpb {v['bpb']:.4f} | acc {v['acc']:.4f}")
+  def checkpoint(s:int):
+    state.update(step=s, data=data.state())
+    save_ckpt(run, model, opt, state)
+
+  losses, dts, s = [], [], state["step"]
+  if not cfg.resume: evaluate(0)
+  bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
+  while s < end:
+    x, y = data.next()
+    t0 = time.perf_counter()
+    lr = lr_at(cfg, s)
+    for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
+    loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
+    dt = time.perf_counter() - t0
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      bar.close()
+      try: last = f"the last good checkpoint is {(ck := ckpt_dir(run))} (step {json.loads((ck / 'state.json').read_text())['step']})"
+      except ValueError: last = "no checkpoint was written yet"
+      say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last}. Try a lower --lr or --dtype=float32.")
+      raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last}")
+    s += 1
+    losses.append(loss)
+    dts.append(dt)
+    state["train_time_s"] += dt
+    state["tokens"] += B * L
+    say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
+    bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
+    bar.update(1)
+    # validation and checkpoints are off the clock: train_time_s only counts steps
+    if s % cfg.eval_every == 0 or s == end: evaluate(s)
+    if s % cfg.ckpt_every == 0 or s == end: checkpoint(s)
+  bar.close()
+  # speed once compiled: the jit's first two calls build and capture the graph
+  tps = B * L * len(dts[2:]) / sum(dts[2:]) if len(dts) > 2 else float("nan")
+  bpb = f"{state['val'][0]['bpb']:.4f} -> {state['val'][-1]['bpb']:.4f}"
+  say(f"done {run} | step {s} | train time {state['train_time_s']:.1f}s | tok/s {tps:,.0f} after compiling | val bpb {bpb}")
+  return {"run": str(run), "step": s, "losses": losses, "val": state["val"], "train_time_s": state["train_time_s"], "tok_s": tps}
+
+def main(argv:list[str]|None=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] in ("-h", "--help"):
+    print(__doc__ + "\npresets: " + ", ".join(PRESETS) + "\noptions: " + " ".join(f"--{k}" for k in {**_hints(TrainConfig), **_hints(MCConfig)}))
+    return 0
+  try:
+    cfg = parse_args(argv)
+    t0 = time.perf_counter()
+    train(cfg)
+  except ValueError as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 2
+  except FloatingPointError as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 1
+  print(f"wall time {time.perf_counter() - t0:.1f}s (with compilation and validation)")
+  return 0
+
+if __name__ == "__main__": sys.exit(main())
