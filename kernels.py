@@ -256,40 +256,41 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
   return tuple(None if x is None else x.cast(s.dtype).uop for x, s in zip(ret, call.src[1:]))
 
 def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segment:int=256, dtype=dtypes.float,
-                     cores:tuple=("la", "swla"), reps:int=20) -> list[tuple]:
+                     cores:tuple=("la", "swla"), reps:int=20, independent:bool=False, m0:bool=False, cache:bool=False) -> list[tuple]:
   """Validate chunk_scan against mc.linear_scan on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
-  forward, and forward+backward through o. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors
-  are the worst over o and the gradients of q, k, v and the gates."""
-  import time, statistics, mc
+  forward, and forward+backward. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors are the worst
+  relative RMS over the forward outputs (o, and S with cache) and, for fwd+bwd, also over the gradients of q, k, v, the gates
+  and M0. m0: start from a random M0 (H,D,D); cache: S is an output too, with its own random gradient. A half dtype's
+  reference is fed the same rounded inputs in float32."""
   from tinygrad import TinyJit
   from tinygrad.helpers import Context
-  def ms(fn, *xs) -> float:
-    for _ in range(3): fn(*xs)
-    Device[Device.DEFAULT].synchronize()
-    ts = []
-    for _ in range(reps):
-      st = time.perf_counter()
-      fn(*xs)
-      Device[Device.DEFAULT].synchronize()
-      ts.append(time.perf_counter() - st)
-    return statistics.median(ts) * 1e3
+  import mc
   rows = []
   for core in cores:
     Tensor.manual_seed(0)
     ins = [Tensor.randn(B, H, L, D).cast(dtype).realize() for _ in range(3)] + [Tensor.randn(B, H, L).realize() for _ in range(3 * (core == "swla"))]
-    go = Tensor.randn(B, H, L, D).cast(dtype).realize()
+    ins += [(Tensor.randn(H, D, D) * D ** -0.5).realize()] * m0
+    go, gS = Tensor.randn(B, H, L, D).cast(dtype).realize(), Tensor.randn(B, H, L // segment, D, D).realize()
     def fwd(f, q, k, v, *g):
+      M0, g = (g[-1], g[:-1]) if m0 else (None, g)
       gates = (g[0].sigmoid().log(), g[1].sigmoid(), g[2].sigmoid()) if g else (None, None, None)
-      return f(q, k, v, *gates, None, chunk, segment, False)[0]
-    def step(f, *xs): return [(o := fwd(f, *xs)), *o.gradient(*xs, gradient=go)]
-    res = [[x.float().numpy() for x in step(f, *ins)] for f in (mc.linear_scan, chunk_scan)]
-    err = max(float(abs(a - b).max()) for a, b in zip(*res))
-    rel = max(float(((a - b) ** 2).mean() ** 0.5 / (((a ** 2).mean() ** 0.5) + 1e-30)) for a, b in zip(*res))
-    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} {dtype.name}"
+      o, S = f(q, k, v, *gates, M0, chunk, segment, independent)
+      return [o, S] if cache else [o]
+    def step(f, *xs):
+      outs = fwd(f, *xs)
+      gz = go.cast(outs[0].dtype)
+      loss = (outs[0] * gz).sum() + (outs[1] * gS).sum() if cache else None
+      return [*outs, *(loss.gradient(*xs) if cache else outs[0].gradient(*xs, gradient=gz))]
+    err, rel = {}, {}
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      # one schedule per side (the timed JITs below reuse its compiled kernels)
+      res = [_numpy(fn(f, *xs)) for f, xs in ((mc.linear_scan, [x.float() for x in ins]), (chunk_scan, ins))]
+      err[name], rel[name] = _errors(*res)
+    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {dtype.name}" + " M0" * m0 + " +S" * cache
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
       # JIT=2: replay without CUDA graphs (on the H100 here cuGraphAddKernelNode refuses tinygrad's launches: invalid argument)
-      with Context(JIT=2): t = [ms(TinyJit(functools.partial(fn, f)), *ins) for f in (mc.linear_scan, chunk_scan)]
-      rows.append((f"chunk_scan {core} {name}", shape, err, rel, *t))
+      with Context(JIT=2): t = [_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
+      rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
   return rows
 
 # **** cache_read ****
@@ -577,43 +578,209 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
 def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
                      reps:int=10) -> list[tuple]:
   """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
-  forward, and forward+backward to q, o, M, z, z_on. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors
-  are the worst over y and the gradients. Above ref_max_L the reference (whose backward builds (B,H,L,N*D)) is not run: nan.
-  cases (agg, L, q dtype) default to issue 4's (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU."""
-  import time, statistics, mc
+  forward, and forward+backward to q, o, M and (grm, ssc) z, z_on. Rows (name, shape, max abs err, rel err, reference ms,
+  kernel ms); the errors are the worst relative RMS over y (fwd) and also the gradients (fwd+bwd). Above ref_max_L the reference
+  (whose backward builds (B,H,L,N*D)) is not run: nan. cases (agg, L, q dtype[, segmentation[, topk]]) default to issue 4's
+  (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU. A half q's reference gets it in float32."""
+  import mc
   from tinygrad import TinyJit, Device
+  from tinygrad.helpers import Context
   if cases is None and Device.DEFAULT == "CPU": B, H, D, segment, cases = 1, 2, 16, 16, (("grm", 256, "float32"), ("ssc", 256, "float32"))
   if cases is None: cases = (("grm", 8192, "float32"), ("grm", 8192, "bfloat16"), ("ssc", 8192, "float32"), ("ssc", 32768, "float32"),
                              ("grm", 32768, "float32"))
-  cases = [c for c in cases if c[2] in ("float32", "float") or getattr(dtypes, c[2]) in Device[Device.DEFAULT].renderer.supported_dtypes()]
-  def ms(fn, *xs) -> float:
-    for _ in range(2): fn(*xs)
-    Device[Device.DEFAULT].synchronize()
-    ts = []
-    for _ in range(reps):
-      st = time.perf_counter()
-      fn(*xs)
-      Device[Device.DEFAULT].synchronize()
-      ts.append(time.perf_counter() - st)
-    return statistics.median(ts) * 1e3
+  cases = [c for c in cases if _supported(c[2])]
   rows = []
-  for agg, L, dt in cases:
+  for agg, L, dt, *more in cases:
+    seg, k = (*more, "const", topk)[:2] if len(more) < 2 else more
     Tensor.manual_seed(0)
-    blocks, reads = mc.cache_plan(-(-L // segment), "const")
+    blocks, reads = mc.cache_plan(-(-L // segment), seg)
     N = len(blocks)
     ins = [Tensor.randn(B, H, L, D).cast(dt), Tensor.randn(B, H, L, D), Tensor.randn(B, H, N, D, D) * D ** -0.5, Tensor.randn(B, H, L, N),
            Tensor.randn(B, H, L)]
     ins, gy = [x.contiguous().realize() for x in ins], Tensor.randn(B, H, L, D).realize()
-    def fwd(f, q, o, M, z, z_on): return f(q, o, M, z, z_on, reads, segment, agg, topk)
-    def step(f, *xs): return [(y := fwd(f, *xs)), *y.gradient(*xs, gradient=gy)]
+    # residual and mean do not read the logits: no gradient reaches z, z_on
+    nwrt = 5 if agg in ("grm", "ssc") else 3
+    def fwd(f, q, o, M, z, z_on): return [f(q, o, M, z, z_on, reads, segment, agg, k)]
+    def step(f, *xs): return [(y := fwd(f, *xs)[0]), *y.gradient(*xs[:nwrt], gradient=gy)]
     fs = (mc.cache_read_ref, cache_read) if L <= ref_max_L else (cache_read,)
-    res = [[x.float().numpy() for x in step(f, *ins)] for f in fs] if len(fs) == 2 else []
-    err = max((float(abs(a - b).max()) for a, b in zip(*res)), default=math.nan)
-    rel = max((float(((a - b) ** 2).mean() ** 0.5 / (((a ** 2).mean() ** 0.5) + 1e-30)) for a, b in zip(*res)), default=math.nan)
-    shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} q {dt}" + (f" top{topk}" if agg == "ssc" else "")
+    err, rel = {"fwd": math.nan, "fwd+bwd": math.nan}, {"fwd": math.nan, "fwd+bwd": math.nan}
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)) if len(fs) == 2 else ():
+      res = [_numpy(fn(f, *xs)) for f, xs in zip(fs, ([ins[0].float(), *ins[1:]], ins))]
+      err[name], rel[name] = _errors(*res)
+    shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} {seg} q {dt}" + (f" top{k}" if agg == "ssc" else "")
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      t = [ms(TinyJit(functools.partial(fn, f)), *ins) for f in fs]
-      rows.append((f"cache_read {agg} {name}", shape, err, rel, *([math.nan] * (2 - len(t))), *t))
+      with Context(JIT=2): t = [_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
+      rows.append((f"cache_read {agg} {name}", shape, err[name], rel[name], *([math.nan] * (2 - len(t))), *t))
   return rows
 
 # **** validation and benchmark ****
+# `python kernels.py` checks every kernel against its reference on fresh random inputs, forward and forward+backward (every
+# output, every input), times both and exits 1 when a row's relative RMS error passes its dtype's tolerance. `--bench` times
+# issue 4's targets on this device, against fla's chunk_linear_attn where it imports. Shapes: small on the CPU (a minute or
+# two), issue 4's B=4 H=16 L=8192 D=64 chunk 64 segment 256 elsewhere.
+#   python kernels.py [--only=chunk_scan,cache_read ssc] [--reps=N] [--json=PATH]      validate
+#   python kernels.py --bench [--json=PATH]                                              issue 4's speed targets
+import json, os, statistics, sys, time
+
+# relative RMS error allowed; a half row's reference gets the same rounded inputs in float32, so what is left is its rounding
+TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+SHAPE = {"CPU": dict(B=1, H=2, L=200, D=16, chunk=16, segment=32)}   # L on no chunk or segment boundary
+ISSUE4 = dict(B=4, H=16, L=8192, D=64, chunk=64, segment=256)
+# chunk_scan (core, independent, dtype), each with a random M0 and the cache states S as an output; cache_read (agg, q dtype,
+# segmentation, topk); topk 64 is at least every entry (ssc reads as grm)
+SCAN_CASES = (("la", False, "float32"), ("la", True, "float32"), ("swla", False, "float32"), ("swla", True, "float32"),
+              ("la", False, "bfloat16"))
+READ_CASES = (("residual", "float32", "const", 2), ("mean", "float32", "const", 2), ("grm", "float32", "const", 2),
+              ("grm", "float32", "log", 2), ("ssc", "float32", "const", 1), ("ssc", "float32", "const", 2), ("ssc", "float32", "log", 2),
+              ("ssc", "float32", "const", 64), ("grm", "bfloat16", "const", 2))
+
+def _numpy(xs:list[Tensor]) -> list[np.ndarray]:
+  Tensor.realize(*xs)   # one schedule
+  return [x.float().numpy() for x in xs]
+
+def _errors(ref:list[np.ndarray], got:list[np.ndarray]) -> tuple[float, float]:
+  # (max abs error, worst relative RMS error) over the paired arrays; a NaN anywhere makes both NaN (and fails)
+  pairs = [(a, b) for a, b in zip(ref, got) if a.size]
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+  return float(np.max([np.abs(a - b).max() for a, b in pairs])), float(np.max([rms(a - b) / (rms(a) + 1e-30) for a, b in pairs]))
+
+def _ms(fn, *xs, reps:int, warm:int=2) -> float:
+  # median ms of fn(*xs), synchronized, after warm-up calls (a TinyJit captures on its second)
+  for _ in range(warm): fn(*xs)
+  Device[Device.DEFAULT].synchronize()
+  ts = []
+  for _ in range(reps):
+    st = time.perf_counter()
+    fn(*xs)
+    Device[Device.DEFAULT].synchronize()
+    ts.append(time.perf_counter() - st)
+  return statistics.median(ts) * 1e3
+
+def _torch_ms(fn, reps:int, warm:int=3) -> float:
+  import torch
+  sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+  for _ in range(warm): fn()
+  sync()
+  ts = []
+  for _ in range(reps):
+    st = time.perf_counter()
+    fn()
+    sync()
+    ts.append(time.perf_counter() - st)
+  return statistics.median(ts) * 1e3
+
+def _fla_ms(B:int, H:int, L:int, D:int, dtype:str, reps:int) -> dict|str:
+  # fla's chunk_linear_attn on (B, L, H, D) tensors, M = sum v k^T read by q unscaled: {"fwd": ms, "fwd+bwd": ms}, or why not
+  try:
+    import torch
+    from fla.ops.linear_attn import chunk_linear_attn
+    if not torch.cuda.is_available(): return "fla: no CUDA device for torch"
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
+    go = torch.randn_like(q)
+    fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
+    def nograd():
+      with torch.no_grad(): fwd()
+    return {"fwd": _torch_ms(nograd, reps), "fwd+bwd": _torch_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), reps)}
+  except Exception as e: return f"fla unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+@functools.cache
+def _supported(dt:str) -> bool:
+  # the renderer's list, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
+  if dt == "float32": return True
+  if getattr(dtypes, dt) not in Device[Device.DEFAULT].renderer.supported_dtypes(): return False
+  try: return (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
+  except Exception: return False
+
+def _record(r:tuple, dt:str, **peer) -> dict:
+  # a bench_* tuple as a dict; a row without a reference (nan ms) is timed, not checked
+  name, shape, err, rel, ref, ker = r
+  ok = math.isnan(ref) or rel <= TOL[dt]
+  return {"name": name, "shape": shape, "dtype": dt, "max_abs": err, "rel": rel, "tol": TOL[dt], "ref_ms": ref, "kernel_ms": ker,
+          "speedup": ref / ker, "ok": ok, **peer}
+
+HEAD = f"{'name':<28} {'shape':<66} {'max abs':>9} {'rel err':>9} {'ref ms':>9} {'kernel ms':>9} {'speed-up':>8}"
+def _line(r:dict) -> str:
+  s = f"{r['name']:<28} {r['shape']:<66} {r['max_abs']:9.2e} {r['rel']:9.2e} {r['ref_ms']:9.3f} {r['kernel_ms']:9.3f} {r['speedup']:7.2f}x"
+  if r.get("peer"): s += f"  {r['peer']}: " + (f"{r['peer_ms']:.3f} ms, {r['ratio']:.2f}x" if r.get("peer_ms") is not None else "n/a")
+  return s + ("" if r["ok"] else f"  FAIL (rel err > {r['tol']:g})")
+
+def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
+  """Every kernel against its reference (the cases above, at SHAPE for this device or ISSUE4); only: run the cases whose label
+  ("chunk_scan la indep float32", "cache_read ssc const float32 top2") contains one of these strings."""
+  sh = SHAPE.get(Device.DEFAULT, ISSUE4)
+  reps, rows = reps or (3 if Device.DEFAULT == "CPU" else 20), []
+  def add(new:list, dt:str):
+    for r in new: rows.append(_record(r, dt)); emit(_line(rows[-1]))
+  if not all(_supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
+  for core, indep, dt in SCAN_CASES:
+    if _supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
+      add(bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=(core,), reps=reps, independent=indep, m0=True, cache=True), dt)
+  for agg, dt, seg, k in READ_CASES:
+    if _supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
+      add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
+  return rows
+
+def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
+  """Issue 4's speed targets on this device: rows (as validate's, with the peer, its ms and kernel/peer) and the targets."""
+  cpu = Device.DEFAULT == "CPU"
+  sh, long_L = (dict(B=1, H=2, L=256, D=16, chunk=16, segment=32), 1024) if cpu else (ISSUE4, 32768)
+  reps, rows, targets = reps or (3 if cpu else 20), [], []
+  def add(r:tuple, dt:str, peer:str, peer_ms:float|None):
+    rows.append(_record(r, dt, peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else r[5] / peer_ms))
+    emit(_line(rows[-1]))
+    return rows[-1]
+  def target(what:str, r:dict, limit:float, why:str=""):
+    ok = None if r["ratio"] is None else r["ratio"] <= limit
+    targets.append({"target": f"{what} <= {limit:g}x {r['peer']}", "ratio": r["ratio"], "pass": ok, "why": why})
+  # chunk_scan la against fla, float32 and bfloat16 inputs
+  scan = {}
+  for dt in ("float32", "bfloat16"):
+    if not _supported(dt): continue
+    ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
+    fla = _fla_ms(sh["B"], sh["H"], sh["L"], sh["D"], dt, reps)
+    if isinstance(fla, str): emit(f"  {fla}: chunk_scan timed alone")
+    for r, limit in zip(ours, (1.5, 2.0)):
+      row = add(r, dt, "fla", None if isinstance(fla, str) else fla[r[0].split()[-1]])
+      target(f"{r[0]} {dt}", row, limit, fla if isinstance(fla, str) else "")
+      scan[r[0].split()[-1], dt] = r
+  # cache_read grm at the same shape against chunk_scan; ssc top-2 against grm at a long length (ref not run there)
+  for r in bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], (("grm", sh["L"], "float32", "const", 2),), reps=reps):
+    row = add(r, "float32", "chunk_scan la", scan["fwd+bwd" if "bwd" in r[0] else "fwd", "float32"][5])
+    if "bwd" in r[0]: target(r[0], row, 1.0)
+  ssc, grm = (bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, long_L, "float32", "const", 2),), reps=reps)
+              for agg in ("ssc", "grm"))
+  for r, g in zip(ssc, grm):
+    add(g, "float32", "", None)
+    row = add(r, "float32", f"grm L={long_L}", g[5])
+    if "bwd" in r[0]: target(r[0] + " top2", row, 0.25)
+  return rows, targets
+
+def main(argv:list[str]|None=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
+  if bad := set(opts) - {"bench", "json", "only", "reps"} or [a for a in argv if not a.startswith("--")]:
+    print(f"kernels.py: unknown arguments {sorted(bad)}; usage: python kernels.py [--bench] [--only=a,b] [--reps=N] [--json=PATH]")
+    return 2
+  from tinygrad import Context
+  print(f"device {Device.DEFAULT} | {'bench' if 'bench' in opts else 'validate'} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
+  print(HEAD)
+  # on the CPU, plain kernels built in this process compile far sooner (as train.cpu_defaults); NOOPT= / PARALLEL= set win
+  cpu = {k: v for k, v in (("NOOPT", 1), ("PARALLEL", 0)) if k not in os.environ} if Device.DEFAULT == "CPU" else {}
+  st, reps, targets = time.perf_counter(), int(opts.get("reps", 0)), []
+  with Context(**cpu):
+    if "bench" in opts: rows, targets = bench(reps)
+    else: rows = validate(tuple(o for o in opts.get("only", "").split(",") if o), reps)
+  for t in targets:
+    print(f"target {t['target']:<52} " + ("n/a" if t["ratio"] is None else f"{t['ratio']:6.2f}x {'PASS' if t['pass'] else 'MISS'}")
+          + (f"  ({t['why']})" if t["why"] else ""))
+  bad = [r["name"] + " " + r["shape"] for r in rows if not r["ok"]]
+  print(f"{len(rows)} rows in {time.perf_counter() - st:.0f} s: " + (f"{len(bad)} over tolerance" if bad else "all within tolerance"))
+  if "json" in opts:
+    clean = lambda x: None if isinstance(x, float) and math.isnan(x) else x
+    res = {"device": Device.DEFAULT, "mode": "bench" if "bench" in opts else "validate", "rows": [{k: clean(v) for k, v in r.items()} for r in rows],
+           "targets": targets}
+    with open(opts["json"], "w") as f: json.dump(res, f, indent=1)
+    print(f"wrote {opts['json']}")
+  return 1 if bad else 0
+
+if __name__ == "__main__": sys.exit(main())

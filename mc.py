@@ -573,10 +573,10 @@ class Model:
     t, C, T = state["t"], self.cfg.segment, self.cfg.chunk
     if self.cfg.mixer == "attn" or t % C in (0, C - 1) or (self.cfg.core in ("dla", "titans") and t % T == 0): return self._step(tokens, state)
     # the state's tensors in traversal order (an entry may share one with the online state); the JIT takes distinct buffers
-    own = {id(x): x if x.uop.op is Ops.BUFFER else x.clone().realize() for x in _leaves(state)}   # views (a replay's outputs) become buffers
+    own = {id(x): _plain(x) for x in _leaves(state)}
     flat = [own[id(x)] for x in _leaves(state)]
-    ins = list({x.uop: x for x in flat}.values())
-    where = [[u.uop for u in ins].index(x.uop) for x in flat]
+    ins = list({x.uop.base: x for x in flat}.values())
+    where = [[u.uop.base for u in ins].index(x.uop.base) for x in flat]
     key = (_structure(state), tokens.shape, tuple(where))
     if key not in self._jits:
       def fn(tok:Tensor, ts:list[Tensor], template=state, where=where, key=key):
@@ -591,7 +591,9 @@ class Model:
     if (cap := self._jits[key].captured) is not None:
       # a state tensor passed straight through may live in a buffer the replay overwrites (the previous replay's output): copy it
       passed = {i for src, i in self._plans[key] if src == "in"}
-      ins = [x.clone().realize() if i in passed and x.uop.base in cap._written_uops else x for i, x in enumerate(ins)]
+      copy = {i: ins[i].clone() for i in passed if ins[i].uop.base in cap._written_uops}
+      if copy: Tensor.realize(*copy.values())
+      ins = [_plain(copy[i]) if i in copy else x for i, x in enumerate(ins)]
     logits, *outs = self._jits[key](tokens.contiguous().realize(), ins)
     # inside a segment the structure does not change: the same state with new tensors, one token later
     return logits, _rebuild(state, iter([ins[i] if src == "in" else outs[i] for src, i in self._plans[key]]), dt=1)
@@ -611,6 +613,11 @@ class Model:
         nxt = np.array([rng.choice(len(pi), p=pi / pi.sum()) for pi in p])
       out.append(nxt[:, None].astype(np.int32))
     return np.concatenate(out, axis=1)
+
+def _plain(x:Tensor) -> Tensor:
+  # a realized state tensor in the one form the JIT sees at every call, its own buffer reshaped (no copy); other views are copied
+  if x.uop.op is Ops.BUFFER or (x.uop.op is Ops.RESHAPE and x.uop.src[0].op is Ops.BUFFER): return Tensor(x.uop.base).reshape(x.shape)
+  return x.clone().realize()
 
 def _structure(x):
   # everything but the tensors and the position: what decides the Python control flow of a step
