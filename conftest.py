@@ -1,8 +1,16 @@
 # pytest from the repository root: mc.py, kernels.py, train.py and eval.py import as top-level modules
 import os, sys
+import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "kernels: runs memory_mix with cfg.kernels=True (custom UOp kernels)")
   config.addinivalue_line("markers", "grid_full: oracle grid cases beyond the CI tier")
   config.addinivalue_line("markers", "slow: long tests left out of the CI tier")
+
+@pytest.fixture(autouse=True)
+def cpu_context():
+  # every test under train.py's CPU defaults (NOOPT=1 PARALLEL=0 unless set): plain kernels compile 2-3x sooner, same results
+  from tinygrad import Context
+  from train import device_defaults
+  with Context(**device_defaults()): yield

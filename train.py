@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import BEAM, JIT, NOOPT, PARALLEL
 from tinygrad.nn.optim import AdamW, OptimizerGroup
-from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+from tinygrad.nn.state import get_state_dict
 from mc import MCConfig, Model
 from data import IGNORE, Batches, load_corpus, mqar_batch
 
@@ -137,13 +137,15 @@ def check_dtype(dtype:str):
   except Exception: ok = False
   if not ok: raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
 
-def cpu_defaults() -> dict:
+def device_defaults() -> dict:
   # On the CPU, tinygrad's kernel optimiser spends minutes generating code for a training graph (upcast, unrolled kernels) and
   # its compile pool respawns worker processes every 16 kernels: for the small models trained on a CPU, plain kernels built in
   # this process start 20x sooner (smoke: 15 s to the first step instead of 5 min on 2 cores) and run 2-3x slower.
-  # Defaults only: NOOPT= or PARALLEL= set in the environment win.
-  if Device.DEFAULT != "CPU": return {}
-  return {k: v for k, v in (("NOOPT", 1), ("PARALLEL", 0)) if k not in os.environ}
+  # On CUDA, a CUDA graph of a jitted step with the custom kernels fails to build (cuGraphAddKernelNode: invalid argument):
+  # JIT=2 replays the same kernels without a graph. Defaults only: NOOPT=, PARALLEL= or JIT= set in the environment win.
+  want = {"CPU": (("NOOPT", 1), ("PARALLEL", 0)), "CUDA": (("JIT", 2),)}.get(Device.DEFAULT, ())
+  return {k: v for k, v in want if k not in os.environ}
+cpu_defaults = device_defaults   # TEMP alias
 
 class MQAR:
   """MQAR training batches from a seeded generator, with the state()/load_state() of data.Batches."""
@@ -200,6 +202,36 @@ def optim_state(opt:OptimizerGroup) -> dict[str, Tensor]:
   # Adam's moments, step decays and lr: the optimizer's own tensors, without the parameters it points at
   return {k: t for k, t in get_state_dict(opt).items() if not {"params", "buffers"} & set(k.split("."))}
 
+# safetensors written and read through NumPy: tinygrad's safe_save/safe_load run small kernels on the CPU device, which needs a
+# C compiler that a GPU machine may lack. The format: 8-byte little-endian header size, a JSON header, the raw tensors.
+ST_DTYPES = {dtypes.float32: "F32", dtypes.float16: "F16", dtypes.bfloat16: "BF16", dtypes.float64: "F64", dtypes.int32: "I32",
+             dtypes.int64: "I64", dtypes.uint8: "U8", dtypes.bool: "BOOL"}
+
+def save_tensors(tensors:dict[str, Tensor], path:Path, metadata:dict[str, str]):
+  # bfloat16 has no NumPy dtype: its bits travel as uint16
+  arrs = {k: (t.bitcast(dtypes.uint16) if t.dtype == dtypes.bfloat16 else t).numpy() for k, t in tensors.items()}
+  header, off = {"__metadata__": metadata}, 0
+  for k, a in arrs.items():
+    header[k] = {"dtype": ST_DTYPES[tensors[k].dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+    off += a.nbytes
+  head = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(head).to_bytes(8, "little") + head)
+    for a in arrs.values(): f.write(np.ascontiguousarray(a).tobytes())
+
+def read_tensors(path:Path) -> dict[str, tuple[np.ndarray, typing.Any]]:
+  # {name: (array, tinygrad dtype)}; bfloat16 arrays come back as their uint16 bits
+  raw, names = path.read_bytes(), {v: k for k, v in ST_DTYPES.items()}
+  n = int.from_bytes(raw[:8], "little")
+  out = {}
+  for k, h in json.loads(raw[8:8 + n]).items():
+    if k == "__metadata__": continue
+    dt = names[h["dtype"]]
+    np_dt = np.uint16 if dt == dtypes.bfloat16 else np.bool_ if dt == dtypes.bool else np.dtype(dt.fmt)
+    a, b = h["data_offsets"]
+    out[k] = (np.frombuffer(raw, np_dt, (b - a) // np.dtype(np_dt).itemsize, 8 + n + a).reshape(h["shape"]), dt)
+  return out
+
 def ckpt_dir(run:Path) -> Path:
   # ckpt/ holds the last checkpoint; only a kill between save()'s two renames leaves it in ckpt.old/ alone
   for d in (run / "ckpt", run / "ckpt.old"):
@@ -210,8 +242,8 @@ def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
   tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  safe_save(get_state_dict(model), str(tmp / "model.safetensors"), {"step": str(state["step"])})
-  safe_save(optim_state(opt), str(tmp / "optim.safetensors"), {"step": str(state["step"])})
+  save_tensors(get_state_dict(model), tmp / "model.safetensors", {"step": str(state["step"])})
+  save_tensors(optim_state(opt), tmp / "optim.safetensors", {"step": str(state["step"])})
   (tmp / "state.json").write_text(json.dumps(state))
   if cur.exists():
     shutil.rmtree(old, ignore_errors=True)
@@ -221,11 +253,14 @@ def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
 
 def load_tensors(obj, path:Path):
   # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error
-  sd, want = safe_load(str(path)), obj if isinstance(obj, dict) else get_state_dict(obj)
+  sd, want = read_tensors(path), obj if isinstance(obj, dict) else get_state_dict(obj)
   if missing := sorted(set(want) - set(sd)): raise ValueError(f"{path}: lacks {missing[:5]} (saved from a different config?)")
   for k, t in want.items():
-    if t.shape != sd[k].shape: raise ValueError(f"{path}: {k} has shape {sd[k].shape}, the model needs {t.shape} (saved from a different config?)")
-  for k, t in want.items(): t.replace(sd[k].to(t.device)).realize()
+    if t.shape != sd[k][0].shape: raise ValueError(f"{path}: {k} has shape {sd[k][0].shape}, the model needs {t.shape} (saved from a different config?)")
+  for k, t in want.items():
+    a, dt = sd[k]
+    x = Tensor(a.copy(), device=t.device)
+    t.replace((x.bitcast(dt) if dt == dtypes.bfloat16 else x).cast(t.dtype)).realize()
 
 def load_model(run:Path, **overrides) -> tuple[TrainConfig, Model]:
   """The model of a run folder with its last checkpoint's weights; overrides replace MCConfig fields (e.g. agg="mean")."""
@@ -246,7 +281,7 @@ def lr_at(cfg:TrainConfig, step:int) -> float:
 
 def train(cfg:TrainConfig) -> dict:
   """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
-  with Context(**cpu_defaults()): return _train(cfg)
+  with Context(**device_defaults()): return _train(cfg)
 
 def _train(cfg:TrainConfig) -> dict:
   check_dtype(cfg.model.dtype)
