@@ -286,10 +286,10 @@ def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segm
       # one schedule per side (the timed JITs below reuse its compiled kernels)
       res = [_numpy(fn(f, *xs)) for f, xs in ((mc.linear_scan, [x.float() for x in ins]), (chunk_scan, ins))]
       err[name], rel[name] = _errors(*res)
-    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {dtype.name}" + " M0" * m0 + " +S" * cache
+    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {repr(dtype).removeprefix('dtypes.')}" + " M0" * m0 + " +S" * cache
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
       # JIT=2: replay without CUDA graphs (on the H100 here cuGraphAddKernelNode refuses tinygrad's launches: invalid argument)
-      with Context(JIT=2): t = [_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
+      with Context(JIT=2): t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
       rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
   return rows
 
@@ -609,7 +609,7 @@ def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|N
       err[name], rel[name] = _errors(*res)
     shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} {seg} q {dt}" + (f" top{k}" if agg == "ssc" else "")
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      with Context(JIT=2): t = [_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
+      with Context(JIT=2): t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
       rows.append((f"cache_read {agg} {name}", shape, err[name], rel[name], *([math.nan] * (2 - len(t))), *t))
   return rows
 
@@ -644,7 +644,7 @@ def _errors(ref:list[np.ndarray], got:list[np.ndarray]) -> tuple[float, float]:
   rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
   return float(np.max([np.abs(a - b).max() for a, b in pairs])), float(np.max([rms(a - b) / (rms(a) + 1e-30) for a, b in pairs]))
 
-def _ms(fn, *xs, reps:int, warm:int=2) -> float:
+def time_ms(fn, *xs, reps:int, warm:int=2) -> float:
   # median ms of fn(*xs), synchronized, after warm-up calls (a TinyJit captures on its second)
   for _ in range(warm): fn(*xs)
   Device[Device.DEFAULT].synchronize()
@@ -656,7 +656,8 @@ def _ms(fn, *xs, reps:int, warm:int=2) -> float:
     ts.append(time.perf_counter() - st)
   return statistics.median(ts) * 1e3
 
-def _torch_ms(fn, reps:int, warm:int=3) -> float:
+def torch_ms(fn, reps:int, warm:int=3) -> float:
+  # the same for a peer in PyTorch
   import torch
   sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
   for _ in range(warm): fn()
@@ -680,16 +681,26 @@ def _fla_ms(B:int, H:int, L:int, D:int, dtype:str, reps:int) -> dict|str:
     fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
     def nograd():
       with torch.no_grad(): fwd()
-    return {"fwd": _torch_ms(nograd, reps), "fwd+bwd": _torch_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), reps)}
+    return {"fwd": torch_ms(nograd, reps), "fwd+bwd": torch_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), reps)}
   except Exception as e: return f"fla unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+def isolated(fn, *args):
+  # fn(*args) in a fresh process: PyTorch there and tinygrad here each keep their own CUDA context and memory
+  import concurrent.futures, multiprocessing
+  try:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex: return ex.submit(fn, *args).result()
+  except Exception as e: return f"{fn.__name__} failed in its process ({type(e).__name__}: {e})"
 
 @functools.cache
 def _supported(dt:str) -> bool:
   # the renderer's list, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
   if dt == "float32": return True
   if getattr(dtypes, dt) not in Device[Device.DEFAULT].renderer.supported_dtypes(): return False
+  null, err = os.open(os.devnull, os.O_WRONLY), os.dup(2)
+  os.dup2(null, 2)   # where the probe fails, the compiler's complaint is expected: keep it off the table
   try: return (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
   except Exception: return False
+  finally: os.dup2(err, 2); os.close(err); os.close(null)  # noqa: E702
 
 def _record(r:tuple, dt:str, **peer) -> dict:
   # a bench_* tuple as a dict; a row without a reference (nan ms) is timed, not checked
@@ -698,9 +709,9 @@ def _record(r:tuple, dt:str, **peer) -> dict:
   return {"name": name, "shape": shape, "dtype": dt, "max_abs": err, "rel": rel, "tol": TOL[dt], "ref_ms": ref, "kernel_ms": ker,
           "speedup": ref / ker, "ok": ok, **peer}
 
-HEAD = f"{'name':<28} {'shape':<66} {'max abs':>9} {'rel err':>9} {'ref ms':>9} {'kernel ms':>9} {'speed-up':>8}"
+HEAD = f"{'name':<30} {'shape':<66} {'max abs':>9} {'rel err':>9} {'ref ms':>9} {'kernel ms':>9} {'speed-up':>8}"
 def _line(r:dict) -> str:
-  s = f"{r['name']:<28} {r['shape']:<66} {r['max_abs']:9.2e} {r['rel']:9.2e} {r['ref_ms']:9.3f} {r['kernel_ms']:9.3f} {r['speedup']:7.2f}x"
+  s = f"{r['name']:<30} {r['shape']:<66} {r['max_abs']:9.2e} {r['rel']:9.2e} {r['ref_ms']:9.3f} {r['kernel_ms']:9.3f} {r['speedup']:7.2f}x"
   if r.get("peer"): s += f"  {r['peer']}: " + (f"{r['peer_ms']:.3f} ms, {r['ratio']:.2f}x" if r.get("peer_ms") is not None else "n/a")
   return s + ("" if r["ok"] else f"  FAIL (rel err > {r['tol']:g})")
 
@@ -737,7 +748,7 @@ def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
   for dt in ("float32", "bfloat16"):
     if not _supported(dt): continue
     ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
-    fla = _fla_ms(sh["B"], sh["H"], sh["L"], sh["D"], dt, reps)
+    fla = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dt, reps)
     if isinstance(fla, str): emit(f"  {fla}: chunk_scan timed alone")
     for r, limit in zip(ours, (1.5, 2.0)):
       row = add(r, dt, "fla", None if isinstance(fla, str) else fla[r[0].split()[-1]])
@@ -764,7 +775,7 @@ def main(argv:list[str]|None=None) -> int:
   from tinygrad import Context
   print(f"device {Device.DEFAULT} | {'bench' if 'bench' in opts else 'validate'} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
   print(HEAD)
-  # on the CPU, plain kernels built in this process compile far sooner (as train.cpu_defaults); NOOPT= / PARALLEL= set win
+  # on the CPU, plain kernels built in this process compile far sooner (as train.device_defaults); NOOPT= / PARALLEL= set win
   cpu = {k: v for k, v in (("NOOPT", 1), ("PARALLEL", 0)) if k not in os.environ} if Device.DEFAULT == "CPU" else {}
   st, reps, targets = time.perf_counter(), int(opts.get("reps", 0)), []
   with Context(**cpu):
