@@ -1,5 +1,5 @@
 # pytest from the repository root: mc.py, kernels.py, train.py and eval.py import as top-level modules
-import os, sys
+import gc, os, sys
 import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,3 +14,11 @@ def cpu_context():
   from tinygrad import Context
   from train import device_defaults
   with Context(**device_defaults()): yield
+
+@pytest.fixture(autouse=True, scope="session")
+def lazy_gc():
+  # tinygrad's caches fill the heap with UOps that the default collector thresholds rescan again and again (~20% of test time)
+  threshold = gc.get_threshold()
+  gc.set_threshold(50000, 20, 100)
+  yield
+  gc.set_threshold(*threshold)

@@ -4,6 +4,10 @@ tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so 
 Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref); cfg.kernels switches
 the model between the two. `python kernels.py` validates every kernel against its reference on fresh random inputs and
 prints a table; `python kernels.py --bench` times them on the default device.
+
+One rule when using them: take gradients before realizing the forward. In tinygrad 0.14 realizing a custom kernel's output
+(loss.item(), print(loss.numpy())) replaces its graph with the buffer, and a later .backward() finds no path through the
+kernel: the gradients upstream of it come back as zeros, without an error. train.py realizes loss and gradients together.
 """
 from __future__ import annotations
 from tinygrad import Tensor

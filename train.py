@@ -145,7 +145,6 @@ def device_defaults() -> dict:
   # JIT=2 replays the same kernels without a graph. Defaults only: NOOPT=, PARALLEL= or JIT= set in the environment win.
   want = {"CPU": (("NOOPT", 1), ("PARALLEL", 0)), "CUDA": (("JIT", 2),)}.get(Device.DEFAULT, ())
   return {k: v for k, v in want if k not in os.environ}
-cpu_defaults = device_defaults   # TEMP alias
 
 class MQAR:
   """MQAR training batches from a seeded generator, with the state()/load_state() of data.Batches."""

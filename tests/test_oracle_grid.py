@@ -3,7 +3,7 @@
 Oracle self-checks only (no mc.py needed): python -m pytest tests/test_oracle_grid.py -k self
 Grid against the library: -k mc_ (the module name holds "oracle" and "grid", so -k on those selects everything).
 The kernels=True variants carry the `kernels` mark and the id "kernels": drop them with -m "not kernels".
-Grid cases outside the CI tier carry the `grid_full` mark: -m "not grid_full and not kernels" is the cheap tier.
+Grid cases outside the CI tier (and kernels=True for deep cores, where it runs the plain path) carry the `grid_full` mark: -m "not grid_full and not kernels" is the cheap tier.
 Case ids spell every setting (core-agg[-mix]-seg-init-L###-C<segment>-b<chunk>[-k<topk>][-m0][-tie..][-uq]).
 """
 import functools
@@ -459,11 +459,16 @@ def _T(x):
   return Tensor(np.ascontiguousarray(x, dtype=np.float32))
 
 
-KERNELS = [pytest.param(False, id="plain"), pytest.param(True, id="kernels", marks=pytest.mark.kernels)]
+def _grid_params():
+  # kernels=True changes only the linear cores' path: for deep cores it is the plain run again, left to the full grid
+  for c in GRID:
+    for kernels in (False, True):
+      full = not c["ci"] or (kernels and c["core"] in DEEP)
+      marks = [pytest.mark.kernels] * kernels + [pytest.mark.grid_full] * full
+      yield pytest.param(c["id"], kernels, marks=marks, id=f"{c['id']}-{'kernels' if kernels else 'plain'}")
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-@pytest.mark.parametrize("cid", [pytest.param(c["id"], marks=() if c["ci"] else pytest.mark.grid_full) for c in GRID])
+@pytest.mark.parametrize("cid,kernels", list(_grid_params()))
 def test_mc_matches_oracle(cid, kernels):
   mc = _mc()
   c = next(x for x in GRID if x["id"] == cid)
