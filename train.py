@@ -64,7 +64,7 @@ class TrainConfig:
 
 # Every preset's comment: measured time and final validation result, on named hardware, with the command.
 PRESETS: dict[str, dict] = {
-  # 2-core CPU (the dev box, DEV=CPU, idle): 27 s wall, 947 tok/s once compiled, val bpb 7.96 -> 4.60 (`python train.py --preset=smoke`)
+  # 2-core x86 CPU, clang 14 (DEV=CPU): 40-48 s wall, 520-590 tok/s once compiled, val bpb 7.965 -> 4.601 (`python train.py --preset=smoke`)
   "smoke": dict(dim=64, n_layers=2, n_heads=2, segment=32, chunk=16, seq_len=128, batch_size=4, steps=20, warmup=2, lr=4e-3,
                 eval_every=10, eval_batches=2, ckpt_every=10),
   # H100 80GB (DEV=CUDA, JIT=2): 322 s wall (302 s training), 46,033 tok/s, val bpb 7.761 -> 1.666 (`DEV=CUDA python train.py`)
