@@ -59,9 +59,11 @@ class MCConfig:
     for field, allowed in CHOICES.items():
       if getattr(self, field) not in allowed: raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: allowed values are {allowed}")
     for field in ("vocab", "dim", "n_layers", "n_heads", "segment", "chunk", "mem_expand", "topk"):
-      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+      if type(getattr(self, field)) is not int or getattr(self, field) < 1:
         raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: must be an integer >= 1")
-    if not isinstance(self.conv, int) or self.conv < 0: raise ValueError(f"MCConfig.conv={self.conv!r}: must be an integer >= 0")
+    if type(self.conv) is not int or self.conv < 0: raise ValueError(f"MCConfig.conv={self.conv!r}: must be an integer >= 0")
+    for field in ("share_uq", "kernels"):
+      if not isinstance(getattr(self, field), bool): raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: allowed values are (True, False)")
     if self.dim % self.n_heads: raise ValueError(f"MCConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
     if self.segment % self.chunk: raise ValueError(f"MCConfig.segment={self.segment} must be a multiple of chunk={self.chunk}")
     if self.mixer == "attn" and self.agg != "none":

@@ -40,7 +40,8 @@ def oracle(q, k, v, u, gates, init, core, agg, **kw) -> np.ndarray: return oracl
 BAD = [*[(f, {f: x}, True) for f, x in (("mixer", "rnn"), ("core", "lstm"), ("agg", "max"), ("segmentation", "fib"),
                                           ("state_init", "zeros"), ("ssc_mix", "mean"), ("dtype", "float64"))],
        *[(f, {f: x}, False) for f in ("vocab", "dim", "n_layers", "n_heads", "segment", "chunk", "mem_expand", "topk") for x in (0, -2, 4.0)],
-       ("conv", {"conv": -1}, False), ("conv", {"conv": 2.0}, False),
+       ("conv", {"conv": -1}, False), ("conv", {"conv": 2.0}, False), ("topk", {"topk": True}, False), ("conv", {"conv": False}, False),
+       ("kernels", {"kernels": "no"}, True), ("share_uq", {"share_uq": 1}, True),
        ("dim", {"dim": 30, "n_heads": 4}, False), ("segment", {"segment": 24, "chunk": 16}, False),
        ("agg", {"mixer": "attn", "agg": "grm"}, True),
        *[("state_init", {"core": c, "segmentation": "log", "state_init": "independent"}, True) for c in DEEP]]
