@@ -267,7 +267,6 @@ def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segm
   and M0. m0: start from a random M0 (H,D,D); cache: S is an output too, with its own random gradient. A half dtype's
   reference is fed the same rounded inputs in float32."""
   from tinygrad import TinyJit
-  from tinygrad.helpers import Context
   import mc
   rows = []
   for core in cores:
@@ -292,8 +291,7 @@ def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segm
       err[name], rel[name] = _errors(*res)
     shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {repr(dtype).removeprefix('dtypes.')}" + " M0" * m0 + " +S" * cache
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      # JIT=2: replay without CUDA graphs (on the H100 here cuGraphAddKernelNode refuses tinygrad's launches: invalid argument)
-      with Context(JIT=2): t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
+      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
       rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
   return rows
 
@@ -588,11 +586,10 @@ def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|N
   (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU. A half q's reference gets it in float32."""
   import mc
   from tinygrad import TinyJit, Device
-  from tinygrad.helpers import Context
   if cases is None and Device.DEFAULT == "CPU": B, H, D, segment, cases = 1, 2, 16, 16, (("grm", 256, "float32"), ("ssc", 256, "float32"))
   if cases is None: cases = (("grm", 8192, "float32"), ("grm", 8192, "bfloat16"), ("ssc", 8192, "float32"), ("ssc", 32768, "float32"),
                              ("grm", 32768, "float32"))
-  cases = [c for c in cases if _supported(c[2])]
+  cases = [c for c in cases if supported(c[2])]
   rows = []
   for agg, L, dt, *more in cases:
     seg, k = (*more, "const", topk)[:2] if len(more) < 2 else more
@@ -613,7 +610,7 @@ def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|N
       err[name], rel[name] = _errors(*res)
     shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} {seg} q {dt}" + (f" top{k}" if agg == "ssc" else "")
     for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      with Context(JIT=2): t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
+      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
       rows.append((f"cache_read {agg} {name}", shape, err[name], rel[name], *([math.nan] * (2 - len(t))), *t))
   return rows
 
@@ -648,28 +645,16 @@ def _errors(ref:list[np.ndarray], got:list[np.ndarray]) -> tuple[float, float]:
   rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
   return float(np.max([np.abs(a - b).max() for a, b in pairs])), float(np.max([rms(a - b) / (rms(a) + 1e-30) for a, b in pairs]))
 
-def time_ms(fn, *xs, reps:int, warm:int=2) -> float:
-  # median ms of fn(*xs), synchronized, after warm-up calls (a TinyJit captures on its second)
+def time_ms(fn, *xs, reps:int, warm:int=2, sync=None) -> float:
+  # median ms of fn(*xs), synchronized (default: tinygrad's device; a PyTorch peer passes its own), after warm-up calls
+  # (a TinyJit captures on its second)
+  sync = sync or Device[Device.DEFAULT].synchronize
   for _ in range(warm): fn(*xs)
-  Device[Device.DEFAULT].synchronize()
-  ts = []
-  for _ in range(reps):
-    st = time.perf_counter()
-    fn(*xs)
-    Device[Device.DEFAULT].synchronize()
-    ts.append(time.perf_counter() - st)
-  return statistics.median(ts) * 1e3
-
-def torch_ms(fn, reps:int, warm:int=3) -> float:
-  # the same for a peer in PyTorch
-  import torch
-  sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-  for _ in range(warm): fn()
   sync()
   ts = []
   for _ in range(reps):
     st = time.perf_counter()
-    fn()
+    fn(*xs)
     sync()
     ts.append(time.perf_counter() - st)
   return statistics.median(ts) * 1e3
@@ -685,7 +670,8 @@ def _fla_ms(B:int, H:int, L:int, D:int, dtype:str, reps:int) -> dict|str:
     fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
     def nograd():
       with torch.no_grad(): fwd()
-    return {"fwd": torch_ms(nograd, reps), "fwd+bwd": torch_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), reps)}
+    sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
+    return {"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), **sync)}
   except Exception as e: return f"fla unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
 
 def isolated(fn, *args):
@@ -696,7 +682,7 @@ def isolated(fn, *args):
   except Exception as e: return f"{fn.__name__} failed in its process ({type(e).__name__}: {e})"
 
 @functools.cache
-def _supported(dt:str) -> bool:
+def supported(dt:str) -> bool:
   # the renderer's list, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
   if dt == "float32": return True
   if getattr(dtypes, dt) not in Device[Device.DEFAULT].renderer.supported_dtypes(): return False
@@ -726,12 +712,12 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   reps, rows = reps or (3 if Device.DEFAULT == "CPU" else 20), []
   def add(new:list, dt:str):
     for r in new: rows.append(_record(r, dt)); emit(_line(rows[-1]))
-  if not all(_supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
+  if not all(supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
   for core, indep, dt in SCAN_CASES:
-    if _supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
+    if supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
       add(bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=(core,), reps=reps, independent=indep, m0=True, cache=True), dt)
   for agg, dt, seg, k in READ_CASES:
-    if _supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
+    if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
       add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
   return rows
 
@@ -750,7 +736,7 @@ def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
   # chunk_scan la against fla, float32 and bfloat16 inputs
   scan = {}
   for dt in ("float32", "bfloat16"):
-    if not _supported(dt): continue
+    if not supported(dt): continue
     ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
     fla = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dt, reps)
     if isinstance(fla, str): emit(f"  {fla}: chunk_scan timed alone")
@@ -777,12 +763,12 @@ def main(argv:list[str]|None=None) -> int:
     print(f"kernels.py: unknown arguments {sorted(bad)}; usage: python kernels.py [--bench] [--only=a,b] [--reps=N] [--json=PATH]")
     return 2
   from tinygrad import Context
+  from train import device_defaults
   print(f"device {Device.DEFAULT} | {'bench' if 'bench' in opts else 'validate'} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
   print(HEAD)
-  # on the CPU, plain kernels built in this process compile far sooner (as train.device_defaults); NOOPT= / PARALLEL= set win
-  cpu = {k: v for k, v in (("NOOPT", 1), ("PARALLEL", 0)) if k not in os.environ} if Device.DEFAULT == "CPU" else {}
   st, reps, targets = time.perf_counter(), int(opts.get("reps", 0)), []
-  with Context(**cpu):
+  # train.py's knobs: NOOPT=1 PARALLEL=0 on the CPU (plain kernels compile far sooner), JIT=2 on CUDA (no CUDA graphs)
+  with Context(**device_defaults()):
     if "bench" in opts: rows, targets = bench(reps)
     else: rows = validate(tuple(o for o in opts.get("only", "").split(",") if o), reps)
   for t in targets:

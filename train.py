@@ -23,6 +23,7 @@ from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import BEAM, JIT, NOOPT, PARALLEL
 from tinygrad.nn.optim import AdamW, OptimizerGroup
 from tinygrad.nn.state import get_state_dict
+import kernels
 from mc import MCConfig, Model
 from data import IGNORE, Batches, load_corpus, mqar_batch
 
@@ -129,13 +130,7 @@ def load_config(run:Path) -> TrainConfig:
 # ***** device and data *****
 
 def check_dtype(dtype:str):
-  # the renderer's list first, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
-  dt = getattr(dtypes, dtype)
-  if dt == dtypes.float32: return
-  ok = dt in Device[Device.DEFAULT].renderer.supported_dtypes()
-  try: ok = ok and (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
-  except Exception: ok = False
-  if not ok: raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
+  if not kernels.supported(dtype): raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
 
 def device_defaults() -> dict:
   # On the CPU, tinygrad's kernel optimiser spends minutes generating code for a training graph (upcast, unrolled kernels) and
