@@ -659,19 +659,23 @@ def time_ms(fn, *xs, reps:int, warm:int=2, sync=None) -> float:
     ts.append(time.perf_counter() - st)
   return statistics.median(ts) * 1e3
 
-def _fla_ms(B:int, H:int, L:int, D:int, dtype:str, reps:int) -> dict|str:
-  # fla's chunk_linear_attn on (B, L, H, D) tensors, M = sum v k^T read by q unscaled: {"fwd": ms, "fwd+bwd": ms}, or why not
+def _fla_ms(B:int, H:int, L:int, D:int, dts:tuple, reps:int) -> dict|str:
+  # fla's chunk_linear_attn on (B, L, H, D) tensors, M = sum v k^T read by q unscaled: {dtype: {"fwd": ms, "fwd+bwd": ms}},
+  # or why not. One process for every dtype: importing PyTorch and fla takes a while
   try:
     import torch
     from fla.ops.linear_attn import chunk_linear_attn
     if not torch.cuda.is_available(): return "fla: no CUDA device for torch"
-    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
-    go = torch.randn_like(q)
-    fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
-    def nograd():
-      with torch.no_grad(): fwd()
-    sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
-    return {"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), **sync)}
+    res = {}
+    for dt in dts:
+      q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=getattr(torch, dt), requires_grad=True) for _ in range(3))
+      go = torch.randn_like(q)
+      fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
+      def nograd():
+        with torch.no_grad(): fwd()
+      sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
+      res[dt] = {"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), **sync)}
+    return res
   except Exception as e: return f"fla unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
 
 def isolated(fn, *args):
@@ -734,12 +738,12 @@ def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
     ok = None if r["ratio"] is None else r["ratio"] <= limit
     targets.append({"target": f"{what} <= {limit:g}x {r['peer']}", "ratio": r["ratio"], "pass": ok, "why": why})
   # chunk_scan la against fla, float32 and bfloat16 inputs
-  scan = {}
-  for dt in ("float32", "bfloat16"):
-    if not supported(dt): continue
+  scan, dts = {}, tuple(dt for dt in ("float32", "bfloat16") if supported(dt))
+  fla_all = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dts, reps)
+  if isinstance(fla_all, str): emit(f"  {fla_all}: chunk_scan timed alone")
+  for dt in dts:
     ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
-    fla = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dt, reps)
-    if isinstance(fla, str): emit(f"  {fla}: chunk_scan timed alone")
+    fla = fla_all if isinstance(fla_all, str) else fla_all[dt]
     for r, limit in zip(ours, (1.5, 2.0)):
       row = add(r, dt, "fla", None if isinstance(fla, str) else fla[r[0].split()[-1]])
       target(f"{r[0]} {dt}", row, limit, fla if isinstance(fla, str) else "")

@@ -495,13 +495,19 @@ class Block:
   def _init_mem(self): return {"W1": self.W1, "W2": self.W2} if self.cfg.core in ("dla", "titans") else None
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
-    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual, then the SwiGLU MLP
+    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
-    x = x + _lin(y * _lin(h, self.wgate).silu(), self.wo)
-    h2 = _rms(x, self.norm2)
-    return x + _lin(_lin(h2, self.w1).silu() * _lin(h2, self.w3), self.w2)
+    return x + _lin(y * _lin(h, self.wgate).silu(), self.wo)
 
-  def __call__(self, x:Tensor) -> Tensor:
+  def mlp(self, x:Tensor) -> Tensor:
+    # the SwiGLU MLP with pre-RMSNorm and a residual
+    h = _rms(x, self.norm2)
+    return x + _lin(_lin(h, self.w1).silu() * _lin(h, self.w3), self.w2)
+
+  def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
+
+  def mix(self, x:Tensor) -> Tensor:
+    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
     h = _rms(x, self.norm1)
     qkv = _lin(h, self.wqkv)
     if self.cfg.mixer == "attn":
@@ -529,7 +535,7 @@ class Block:
       q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
       q, k = rope(q, st["pos"], self.cfg.rope_theta), rope(k, st["pos"], self.cfg.rope_theta)
       k, v = (k, v) if st["k"] is None else (st["k"].cat(k, dim=2), st["v"].cat(v, dim=2))
-      return self._out(x, h, q.scaled_dot_product_attention(k, v)), {"pos": st["pos"] + 1, "k": k, "v": v}
+      return self.mlp(self._out(x, h, q.scaled_dot_product_attention(k, v))), {"pos": st["pos"] + 1, "k": k, "v": v}
     conv = st["conv"]
     if self.cfg.conv:
       window = conv.cast(qkv.dtype).cat(qkv, dim=1)                          # (B, w, 3dim): the last w inputs
@@ -537,7 +543,7 @@ class Block:
     q, k, v, u, gates = self._qkvug(h, qkv)
     y, mem = mem_step(st["mem"], q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float(), u[:, :, 0].float(),
                       {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self._init_mem())
-    return self._out(x, h, y.unsqueeze(2).cast(x.dtype)), {"conv": conv, "mem": mem}
+    return self.mlp(self._out(x, h, y.unsqueeze(2).cast(x.dtype))), {"conv": conv, "mem": mem}
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""

@@ -29,3 +29,9 @@ def test_eval_speed(tmp_path):
   assert row["config"] == "none" and row["L"] == 64 and row["ms"] > 0 and row["error"] is None
   assert res["layers"]["config"]["dim"] == 32 and "model" not in res
   assert ev.main(["speed", "--parts=bogus"]) == 2
+
+def test_eval_speed_model_rows():
+  # the model table with a subset of rows (no attn among them), at a tiny size
+  mk = lambda row: ev.MCConfig(**{**dict(dim=32, n_heads=2, n_layers=1, segment=16, chunk=8), **row})
+  res = ev.speed_model(mk, 1, 32, 1, lambda names: [n for n in names if n == "la-none"])
+  assert [r["config"] for r in res["rows"]] == ["la-none"] and res["rows"][0]["ms"] > 0
