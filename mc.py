@@ -174,15 +174,17 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   S1, S2 = W1.zeros_like(), W2.zeros_like()
   W1s, W2s, S1s, S2s, rs, zs, ds, W1e, W2e = ([] for _ in range(9))
   for c in range(Nc):
-    # this chunk's inputs in buffers of their own, so every chunk runs the same kernels (compiled once)
-    kk, vv, kl = kc[..., c, :, :].contiguous(), vc[..., c, :, :].contiguous(), K[..., c, -1, :].unsqueeze(-1).contiguous()
+    # this chunk's inputs in buffers of their own, so every chunk runs the same kernels (compiled once); cb: their gradients
+    # too, else tinygrad fuses each per-chunk gradient into the scatter back to (Nc, T) and recomputes it for every token
+    cb = lambda x: x.contiguous().contiguous_backward()
+    kk, vv, kl = kc[..., c, :, :].contiguous(), vc[..., c, :, :].contiguous(), cb(K[..., c, -1, :].unsqueeze(-1))
     r, z, d = deep_grads(core, kk, vv, W1, W2)
     W1s.append(W1); W2s.append(W2); S1s.append(S1); S2s.append(S2); rs.append(r); zs.append(z); ds.append(d)
     # sum_j K[T-1, j] g_j: every gradient of the chunk as it stands in the chunk's last weights
     g1, g2 = (r * kl).transpose(-1, -2) @ z, (d * kl).transpose(-1, -2) @ kk
     if core == "titans":
-      a_end, b_end, m = alpha[..., c, -1, None, None].contiguous(), beta[..., c, -1, None, None].contiguous(), mom[..., c, :].unsqueeze(-1).contiguous()
-      bp = bprod[..., c, None, None].contiguous()
+      a_end, b_end, m = cb(alpha[..., c, -1, None, None]), cb(beta[..., c, -1, None, None]), cb(mom[..., c, :].unsqueeze(-1))
+      bp = cb(bprod[..., c, None, None])
       W1, W2, S1, S2 = (a_end * W1 + b_end * S1 - g1, a_end * W2 + b_end * S2 - g2,
                         bp * S1 - (r * m).transpose(-1, -2) @ z, bp * S2 - (d * m).transpose(-1, -2) @ kk)
     else: W1, W2 = W1 - g1, W2 - g2
