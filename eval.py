@@ -200,8 +200,8 @@ def speed_layers(mk, B:int, Ls:tuple, reps:int, pick) -> dict:
   print(f"layers: one MC layer (Block.mix: the mixer and its residual) forward+backward, B={B} dim={c.dim} heads={c.n_heads} core={c.core} segment={c.segment} chunk={c.chunk}")
   def one(n:str, L:int) -> dict:
     # tinygrad's attention builds the whole (B,H,L,L) score matrix: past ATTN_MAX_BYTES of it in float32 it is not tried
-    if n == "attn" and B * c.n_heads * L * L * 4 > ATTN_MAX_BYTES:
-      print(f"layers attn L={L}: skipped, its score matrix alone is {B * c.n_heads * L * L * 4 / 2**30:.0f} GiB", flush=True)
+    if n == "attn" and (nbytes := B * c.n_heads * L * L * 4) > ATTN_MAX_BYTES:
+      print(f"layers attn L={L}: skipped, its score matrix alone is {nbytes / 2**30:.0f} GiB", flush=True)
       return {"ms": None, "error": "skipped: score matrix too large"}
     return cell(f"layers {n} L={L}", lambda: layer_ms(mk(LAYERS[n]), B, L, reps))
   rows = [{"config": n, "L": L, **one(n, L)} for n in pick(LAYERS) for L in Ls]

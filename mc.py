@@ -173,10 +173,11 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   W1, W2 = W1.expand(*bs, *W1.shape[-2:]), W2.expand(*bs, *W2.shape[-2:])
   S1, S2 = W1.zeros_like(), W2.zeros_like()
   W1s, W2s, S1s, S2s, rs, zs, ds, W1e, W2e = ([] for _ in range(9))
+  # cb: a per-chunk factor in a buffer of its own, and its gradient too (else tinygrad fuses each chunk's gradient into the
+  # scatter back to (Nc, T) and recomputes it for every token)
+  cb = lambda x: x.contiguous().contiguous_backward()
   for c in range(Nc):
-    # this chunk's inputs in buffers of their own, so every chunk runs the same kernels (compiled once); cb: their gradients
-    # too, else tinygrad fuses each per-chunk gradient into the scatter back to (Nc, T) and recomputes it for every token
-    cb = lambda x: x.contiguous().contiguous_backward()
+    # this chunk's inputs in buffers of their own, so every chunk runs the same kernels (compiled once)
     kk, vv, kl = kc[..., c, :, :].contiguous(), vc[..., c, :, :].contiguous(), cb(K[..., c, -1, :].unsqueeze(-1))
     r, z, d = deep_grads(core, kk, vv, W1, W2)
     W1s.append(W1); W2s.append(W2); S1s.append(S1); S2s.append(S2); rs.append(r); zs.append(z); ds.append(d)
