@@ -52,3 +52,9 @@ def test_cache_read_L1(): _check(2, 2, 1, 8, 16, "grm", 2)
 
 @pytest.mark.skipif(dtypes.float16 not in Device[Device.DEFAULT].renderer.supported_dtypes(), reason="no float16 on this device")
 def test_cache_read_half_q(): _check(3, 1, 257, 8, 32, "ssc", 2, "const", ties=True, half=True)
+
+@pytest.mark.parametrize("agg", ["grm", "ssc", "residual"])
+def test_cache_read_tiled(agg, monkeypatch):
+  # the GPU's tiling (4 x 8 outputs per thread) run on the CPU: its index arithmetic, L on no segment boundary
+  monkeypatch.setattr(kernels, "_REGS_NOLOCAL", kernels._REGS)
+  _check(2, 2, 100, 16, 32, agg, 2)
