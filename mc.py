@@ -234,7 +234,9 @@ def online_pool(k:Tensor, C:int) -> Tensor:
   # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D)
   B, H, L, D = k.shape
   ns = -(-L // C)
-  cs = _pad_time(k, ns * C - L, 2).reshape(B, H, ns, C, D).cumsum(-2) / Tensor.arange(1, C + 1).reshape(C, 1)
+  # the running mean as a (C, C) lower-triangular averaging matmul: tinygrad's cumsum of a C-long axis is a windowed reduce
+  avg = Tensor.ones(C, C).tril() / Tensor.arange(1, C + 1).reshape(C, 1)
+  cs = avg.cast(k.dtype) @ _pad_time(k, ns * C - L, 2).reshape(B, H, ns, C, D)
   return cs.reshape(B, H, ns * C, D)[:, :, :L]
 
 def token_reads(reads:np.ndarray, C:int, L:int) -> np.ndarray: return np.repeat(reads, C, axis=0)[:L]   # (L, N)
@@ -445,7 +447,10 @@ def memory_mix_recurrent(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg
 
 # ***** the layer, block and model *****
 
-def _lin(x:Tensor, w:Tensor) -> Tensor: return x @ w.cast(x.dtype)          # weights stay float32, math in the activation dtype
+# a projection: weights stay float32, math in the activation dtype. Its output's gradient gets a buffer of its own: else tinygrad
+# folds the elementwise backward that follows (conv, SiLU, L2 norm, gates) into each matmul reading it, once per output element
+# (Block.mix at d=1024, L=2048: 577 -> 429 GFLOP for forward+backward)
+def _lin(x:Tensor, w:Tensor) -> Tensor: return (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-scale / math.sqrt(fan_in), high=scale / math.sqrt(fan_in))
 def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor: return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
 
