@@ -657,6 +657,7 @@ def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|N
 # two), issue 4's B=4 H=16 L=8192 D=64 chunk 64 segment 256 elsewhere.
 #   python kernels.py [--only=chunk_scan,cache_read ssc] [--reps=N] [--json=PATH]      validate
 #   python kernels.py --bench [--json=PATH]                                              issue 4's speed targets
+#   python kernels.py --profile [--json=PATH]                                            per-kernel ms of one fwd+bwd
 import json, os, statistics, sys, time
 
 # relative RMS error allowed; a half row's reference gets the same rounded inputs in float32, so what is left is its rounding
@@ -796,14 +797,75 @@ def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
     if "bwd" in r[0]: target(r[0] + " top2", row, 0.25)
   return rows, targets
 
+def kernel_times(fn) -> dict[str, tuple[float, int]]:
+  """Where the time goes: {kernel name: (device ms, launches)} of one fn() (which returns the Tensors to realize). Two calls
+  compile and warm up; the third runs with DEBUG=2, where tinygrad synchronizes after each kernel and prints its time."""
+  import contextlib, io, re
+  from tinygrad import Context
+  with Context(JIT=0):   # no TinyJit graph: every kernel gets its own line
+    for _ in range(2): Tensor.realize(*fn())
+    Device[Device.DEFAULT].synchronize()
+    with contextlib.redirect_stdout(buf := io.StringIO()), Context(DEBUG=2):
+      Tensor.realize(*fn())
+      Device[Device.DEFAULT].synchronize()
+  res: dict[str, tuple[float, int]] = {}
+  for line in buf.getvalue().splitlines():
+    if m := re.match(r"\*\*\* \S+\s+\d+ (.*?) arg .* tm\s+([\d.]+)(us|ms|s)\s*/", re.sub(r"\x1b\[[0-9;]*m", "", line)):
+      ms, n = res.get(name := " ".join(m.group(1).split()), (0.0, 0))
+      res[name] = (ms + float(m.group(2)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(3)], n + 1)
+  return res
+
+def profile(emit=print, top:int=12) -> dict[str, dict]:
+  """--profile: kernel_times of one forward+backward of chunk_scan la and cache_read grm (the bench's shape, float32) and of an
+  MC layer (Block.mix swla+grm, no MLP: d=1024, 16 heads, B=4, L=2048 as eval.py's package comparison); small on the CPU."""
+  import mc
+  from tinygrad.nn.state import get_state_dict
+  cpu = Device.DEFAULT == "CPU"
+  sh = SHAPE["CPU"] if cpu else ISSUE4
+  B, H, L, D, C = (sh[x] for x in ("B", "H", "L", "D", "segment"))
+  Tensor.manual_seed(0)
+  q, k, v, gy = (Tensor.randn(B, H, L, D).realize() for _ in range(4))
+  N = len(mc.cache_plan(-(-L // C), "const")[0])
+  M, z, z_on = (Tensor.randn(B, H, N, D, D) * D ** -0.5).realize(), Tensor.randn(B, H, L, N).realize(), Tensor.randn(B, H, L).realize()
+  def scan():
+    o = chunk_scan(q, k, v, None, None, None, None, sh["chunk"], C, False)[0]
+    return [o, *o.gradient(q, k, v, gradient=gy)]
+  def read():
+    y = cache_read(q, v, M, z, z_on, mc.cache_plan(-(-L // C), "const")[1], C, "grm", 2)
+    return [y, *y.gradient(q, v, M, z, z_on, gradient=gy)]
+  Bl, Ll, cfg = (1, 256, dict(dim=64, n_heads=4, segment=64, chunk=16)) if cpu else (4, 2048, dict(dim=1024, n_heads=16, segment=256, chunk=64))
+  blk = mc.Block(mc.MCConfig(**cfg, core="swla", agg="grm"))
+  params = [p for n, p in get_state_dict(blk).items() if n not in ("norm2", "w1", "w2", "w3")]
+  x, gx = Tensor.randn(Bl, Ll, cfg["dim"]).realize(), Tensor.randn(Bl, Ll, cfg["dim"]).realize()
+  Tensor.realize(*params)
+  def layer():
+    y = blk.mix(x)
+    return [y, *(y * gx).sum().gradient(x, *params)]
+  shape = f"B={B} H={H} L={L} D={D} chunk={sh['chunk']} segment={C}"
+  res = {}
+  for what, fn in ((f"chunk_scan la fwd+bwd {shape}", scan), (f"cache_read grm fwd+bwd {shape} N={N}", read),
+                   (f"Block.mix swla+grm fwd+bwd B={Bl} L={Ll} dim={cfg['dim']} heads={cfg['n_heads']}", layer)):
+    res[what] = kt = kernel_times(fn)
+    emit(f"profile {what}: {sum(n for _, n in kt.values())} kernels, {sum(ms for ms, _ in kt.values()):.2f} ms summed "
+         "(DEBUG=2: each kernel synchronized)")
+    for name, (ms, n) in sorted(kt.items(), key=lambda x: -x[1][0])[:top]: emit(f"  {ms:9.3f} ms {n:4d}x  {name}")
+  return res
+
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
-  if bad := set(opts) - {"bench", "json", "only", "reps"} or [a for a in argv if not a.startswith("--")]:
-    print(f"kernels.py: unknown arguments {sorted(bad)}; usage: python kernels.py [--bench] [--only=a,b] [--reps=N] [--json=PATH]")
+  if bad := set(opts) - {"bench", "json", "only", "reps", "profile"} or [a for a in argv if not a.startswith("--")]:
+    print(f"kernels.py: unknown arguments {sorted(bad)}; usage: python kernels.py [--bench | --profile] [--only=a,b] [--reps=N] [--json=PATH]")
     return 2
   from tinygrad import Context
   from train import device_defaults
+  if "profile" in opts:
+    print(f"device {Device.DEFAULT} | profile")
+    with Context(**device_defaults()): res = profile()
+    if "json" in opts:
+      with open(opts["json"], "w") as f: json.dump({"device": Device.DEFAULT, "mode": "profile", "kernels": res}, f, indent=1)
+      print(f"wrote {opts['json']}")
+    return 0
   print(f"device {Device.DEFAULT} | {'bench' if 'bench' in opts else 'validate'} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
   print(HEAD)
   st, reps, targets = time.perf_counter(), int(opts.get("reps", 0)), []

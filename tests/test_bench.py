@@ -35,3 +35,12 @@ def test_eval_speed_model_rows():
   mk = lambda row: ev.MCConfig(**{**dict(dim=32, n_heads=2, n_layers=1, segment=16, chunk=8), **row})
   res = ev.speed_model(mk, 1, 32, 1, lambda names: [n for n in names if n == "la-none"])
   assert [r["config"] for r in res["rows"]] == ["la-none"] and res["rows"][0]["ms"] > 0
+
+def test_kernel_times():
+  # kernels.py --profile's parser: chunk_scan's forward launches its five named kernels once each and its transpose twice
+  from tinygrad import Tensor
+  q, k, v = (Tensor.randn(1, 2, 40, 8).realize() for _ in range(3))
+  kt = kernels.kernel_times(lambda: [kernels.chunk_scan(q, k, v, None, None, None, None, 8, 16, False)[0]])
+  assert {n: kt[n][1] for n in ("chunk_state", "chunk_scan", "chunk_transpose", "chunk_scores", "chunk_scan_o")} == \
+    {"chunk_state": 1, "chunk_scan": 1, "chunk_transpose": 2, "chunk_scores": 1, "chunk_scan_o": 1}
+  assert all(ms > 0 for ms, _ in kt.values())
