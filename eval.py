@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 from tinygrad import Context, Device, Tensor, TinyJit
-from tinygrad.nn.state import get_parameters, get_state_dict
+from tinygrad.nn.state import get_parameters
 import kernels, train
 from mc import CORES, Block, MCConfig, Model
 from data import load_corpus, mqar_batch, niah_example
@@ -162,7 +162,7 @@ def step_ms(loss, params:list[Tensor], ins:list[Tensor], reps:int) -> float:
 def layer_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float:
   # one MC layer: a Block's token mixer with its residual, no MLP (what the memory-caching package's layer is)
   blk = Block(cfg)
-  params = [p for n, p in get_state_dict(blk).items() if n not in ("norm2", "w1", "w2", "w3")]
+  params = blk.mix_params()
   x, gy = Tensor.randn(B, L, cfg.dim).cast(cfg.dtype), Tensor.randn(B, L, cfg.dim).cast(cfg.dtype)
   return step_ms(lambda x, gy: (blk.mix(x) * gy).float().sum(), [x, *params], [x, gy], reps)
 

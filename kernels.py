@@ -38,18 +38,23 @@ from tinygrad.dtype import AddrSpace
 class _Scan(NamedTuple):
   N: int; Nc: int; T: int; D: int; H: int     # rows (B*H), chunks, chunk, head dim, heads  # noqa: E702
   step: int; nS: int; nsrc: int; gated: bool  # chunks per segment, segments in Lp, sources per token (2: swla), gates  # noqa: E702
-  indep: bool; local: bool                    # restart at each segment; the device has local memory  # noqa: E702
-  regs: tuple = (1, 1)                        # outputs per thread along a tile's (cols, rows)
+  indep: bool                                 # restart at each segment
+  lanes: AxisType; regs: tuple                # the tile's thread axes and outputs per thread along (cols, rows): _grid  # noqa: E702
   @property
   def ngates(self) -> int: return (2 + (self.nsrc == 2)) if self.gated else 0
   @property
   def period(self) -> int: return self.step * self.T if self.indep else self.Nc * self.T   # no b source at a multiple of this
-  @property
-  def lanes(self) -> AxisType: return AxisType.LOCAL if self.local else AxisType.WEAK
 
 # outputs per thread along a tile's (cols, rows) where there are locals: 128 threads for T = D = 64 (the best of 4x4, 8x4, 4x8,
 # 8x8 on the H100); without locals (CPU) plain loops, which compile several times faster
 _REGS, _REGS_NOLOCAL = (4, 8), (1, 1)
+
+class _Grid(NamedTuple):
+  lanes: AxisType; regs: tuple   # a tile's thread axes (LOCAL, or plain loops without locals) and outputs per thread  # noqa: E702
+
+def _grid(dev) -> _Grid:
+  local = Device[dev if isinstance(dev, str) else dev[0]].renderer.has_local
+  return _Grid(AxisType.LOCAL if local else AxisType.WEAK, _REGS if local else _REGS_NOLOCAL)
 
 def _split(size:int, rid:int, kind:AxisType, u:int=4) -> tuple[UOp, tuple[UOp, ...]]:
   # an axis as outer*u + inner: outer over threads or a loop, inner u registers (UPCAST) or an unrolled reduce step (UNROLL)
@@ -190,9 +195,7 @@ def chunk_scan(q:Tensor, k:Tensor, v:Tensor, la:Tensor|None, b:Tensor|None, l:Te
   if segment % chunk: raise ValueError(f"chunk_scan: segment={segment} must be a multiple of chunk={chunk}")
   if la is None and (b is not None or l is not None): raise ValueError("chunk_scan: the gates b and l need la (log a)")
   T, dev, Nc = chunk, q.device, -(-L // chunk)
-  local = Device[dev if isinstance(dev, str) else dev[0]].renderer.has_local
-  cfg = _Scan(B * H, Nc, T, D, H, segment // T, Nc // (segment // T), 1 + (b is not None), la is not None, independent, local,
-              _REGS if local else _REGS_NOLOCAL)
+  cfg = _Scan(B * H, Nc, T, D, H, segment // T, Nc // (segment // T), 1 + (b is not None), la is not None, independent, *_grid(dev))
   # rows (B*H, Lp, ...); zero tokens pad the last chunk: causal, they never reach an earlier output (and la = 0 keeps the state)
   rows = lambda x: x.pad(tuple((0, Nc * T - L) if i == 2 else None for i in range(x.ndim))).reshape(cfg.N, Nc * T, *x.shape[3:])
   q, k, v = rows(q), rows(k), rows(v)
@@ -335,13 +338,6 @@ def _entry(ent:UOp, N:int, b:UOp, h:UOp, s:UOp, t:UOp, r:UOp) -> UOp:
   # the entry slot r of token t reads: a static table per segment (n_seg, K) or a per-token one (B, H, L, K); clipped so that
   # the index arithmetic knows its bounds
   return (ent[s, r] if len(ent.shape) == 2 else ent[b, h, t, r]).clip(0, N - 1).cast(dtypes.weakint)
-
-class _Grid(NamedTuple):
-  lanes: AxisType; regs: tuple   # as _Scan's: the tile's thread axes and outputs per thread (what _tile reads)  # noqa: E702
-
-def _grid(dev) -> _Grid:
-  local = Device[dev if isinstance(dev, str) else dev[0]].renderer.has_local
-  return _Grid(AxisType.LOCAL if local else AxisType.WEAK, _REGS if local else _REGS_NOLOCAL)
 
 @functools.cache
 def _read_fxn(L:int, C:int, with_o:bool, g:_Grid, name:str):
@@ -819,23 +815,23 @@ def profile(emit=print, top:int=12) -> dict[str, dict]:
   """--profile: kernel_times of one forward+backward of chunk_scan la and cache_read grm (the bench's shape, float32) and of an
   MC layer (Block.mix swla+grm, no MLP: d=1024, 16 heads, B=4, L=2048 as eval.py's package comparison); small on the CPU."""
   import mc
-  from tinygrad.nn.state import get_state_dict
   cpu = Device.DEFAULT == "CPU"
   sh = SHAPE["CPU"] if cpu else ISSUE4
   B, H, L, D, C = (sh[x] for x in ("B", "H", "L", "D", "segment"))
   Tensor.manual_seed(0)
   q, k, v, gy = (Tensor.randn(B, H, L, D).realize() for _ in range(4))
-  N = len(mc.cache_plan(-(-L // C), "const")[0])
+  blocks, reads = mc.cache_plan(-(-L // C), "const")
+  N = len(blocks)
   M, z, z_on = (Tensor.randn(B, H, N, D, D) * D ** -0.5).realize(), Tensor.randn(B, H, L, N).realize(), Tensor.randn(B, H, L).realize()
   def scan():
     o = chunk_scan(q, k, v, None, None, None, None, sh["chunk"], C, False)[0]
     return [o, *o.gradient(q, k, v, gradient=gy)]
   def read():
-    y = cache_read(q, v, M, z, z_on, mc.cache_plan(-(-L // C), "const")[1], C, "grm", 2)
+    y = cache_read(q, v, M, z, z_on, reads, C, "grm", 2)
     return [y, *y.gradient(q, v, M, z, z_on, gradient=gy)]
   Bl, Ll, cfg = (1, 256, dict(dim=64, n_heads=4, segment=64, chunk=16)) if cpu else (4, 2048, dict(dim=1024, n_heads=16, segment=256, chunk=64))
   blk = mc.Block(mc.MCConfig(**cfg, core="swla", agg="grm"))
-  params = [p for n, p in get_state_dict(blk).items() if n not in ("norm2", "w1", "w2", "w3")]
+  params = blk.mix_params()
   x, gx = Tensor.randn(Bl, Ll, cfg["dim"]).realize(), Tensor.randn(Bl, Ll, cfg["dim"]).realize()
   Tensor.realize(*params)
   def layer():

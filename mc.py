@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
 import kernels
 
@@ -513,6 +514,9 @@ class Block:
     return x + _lin(_lin(h, self.w1).silu() * _lin(h, self.w3), self.w2)
 
   def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
+
+  # the parameters mix uses: all but the MLP's
+  def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
 
   def mix(self, x:Tensor) -> Tensor:
     # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
