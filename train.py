@@ -25,7 +25,7 @@ from tinygrad.nn.optim import AdamW, OptimizerGroup
 from tinygrad.nn.state import get_state_dict
 import kernels
 from mc import MCConfig, Model
-from data import IGNORE, Batches, load_corpus, mqar_batch
+from data import IGNORE, Batches, load_corpus, mqar_batch, niah_batches
 
 @dataclass
 class TrainConfig:
@@ -158,7 +158,7 @@ def make_data(cfg:TrainConfig) -> tuple[Batches|MQAR, list[tuple[np.ndarray, np.
     val = MQAR(cfg, [cfg.seed, 1])
     return MQAR(cfg, cfg.seed), [val.next() for _ in range(n)]
   where = f"--data={cfg.data}" if cfg.data else "the stdlib corpus"
-  try: train = Batches(load_corpus(cfg.data or None, "train"), B, L, seed=cfg.seed, niah_mix=cfg.niah_mix)
+  try: train = niah_batches(load_corpus(cfg.data or None, "train"), B, L, seed=cfg.seed, niah_mix=cfg.niah_mix)
   except ValueError as e: raise ValueError(f"{where}, train split: {e}") from None
   v = load_corpus(cfg.data or None, "val")
   if len(v) < L + 1: raise ValueError(f"{where}: the val split has {len(v)} bytes, shorter than one window of seq_len + 1 = {L + 1}")
@@ -273,6 +273,26 @@ def lr_at(cfg:TrainConfig, step:int) -> float:
 
 # ***** training *****
 
+def make_optimizer(model:Model, cfg:TrainConfig) -> OptimizerGroup:
+  # AdamW with weight decay on matrices only: norms, gate biases and other vectors keep their scale
+  params = get_state_dict(model).values()
+  return OptimizerGroup(*(AdamW([p for p in params if (p.ndim > 1) == decay], lr=cfg.lr, b1=cfg.b1, b2=cfg.b2,
+                                weight_decay=cfg.weight_decay if decay else 0.0) for decay in (True, False)))
+
+def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
+  """The jitted training step: forward, cross-entropy, backward, global-norm gradient clipping, the AdamW update.
+  step(x, y) with (B, L) int tensors returns (loss, gradient norm) as realized tensors."""
+  @TinyJit
+  @Context(TRAINING=1)
+  def step(x:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
+    opt.zero_grad()
+    loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE).backward()
+    gnorm = Tensor.stack(*[p.grad.float().square().sum() for p in opt.params]).sum().sqrt()
+    for p in opt.params: p.grad = p.grad * (grad_clip / (gnorm + 1e-6)).minimum(1.0)
+    Tensor.realize(loss, gnorm, *opt.schedule_step())
+    return loss, gnorm
+  return step
+
 def train(cfg:TrainConfig) -> dict:
   """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
   with Context(**device_defaults()): return _train(cfg)
@@ -287,10 +307,7 @@ def _train(cfg:TrainConfig) -> dict:
   data, val = make_data(cfg)
   Tensor.manual_seed(cfg.seed)
   model = Model(cfg.model)
-  params = get_state_dict(model)
-  # weight decay on matrices only: norms, gate biases and other vectors keep their scale
-  opt = OptimizerGroup(*(AdamW([p for p in params.values() if (p.ndim > 1) == decay], lr=cfg.lr, b1=cfg.b1, b2=cfg.b2,
-                               weight_decay=cfg.weight_decay if decay else 0.0) for decay in (True, False)))
+  params, opt = get_state_dict(model), make_optimizer(model, cfg)
   state = {"step": 0, "data": None, "val": [], "best_val": None, "train_time_s": 0.0, "tokens": 0}
   if cfg.resume:
     ck = ckpt_dir(run)
@@ -316,16 +333,7 @@ def _train(cfg:TrainConfig) -> dict:
   say("train " + " ".join(f"{k}={v}" for k, v in conf.items() if k != "model"))
   say("model " + " ".join(f"{k}={v}" for k, v in conf["model"].items()))
 
-  @TinyJit
-  @Context(TRAINING=1)
-  def step(x:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
-    opt.zero_grad()
-    loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE).backward()
-    gnorm = Tensor.stack(*[p.grad.float().square().sum() for p in opt.params]).sum().sqrt()
-    for p in opt.params: p.grad = p.grad * (cfg.grad_clip / (gnorm + 1e-6)).minimum(1.0)
-    Tensor.realize(loss, gnorm, *opt.schedule_step())
-    return loss, gnorm
-
+  step = make_step(model, opt, cfg.grad_clip)
   score, end, B, L = scorer(model), cfg.stop_at or cfg.steps, cfg.batch_size, cfg.seq_len
   def evaluate(s:int):
     v = validate(score, val)

@@ -86,29 +86,23 @@ def load_corpus(path:str|None=None, split:str="train") -> np.ndarray:
 class Batches:
   """Random windows of seq_len + 1 bytes from a seeded generator: x = window[:-1], y = window[1:], both int32 (B, T).
 
-  niah_mix > 0 replaces that share of windows with a needle-in-a-haystack window (data/tasks.py, training needles only)
-  whose haystack is the window's own text. state()/load_state() capture the generator exactly, so a resumed run reads the
-  same batches; the state is a plain dict of ints and strings (JSON-serialisable).
+  inject (a function (window, rng) -> window of the same length) replaces that `share` of windows; data/tasks.py's
+  niah_batches uses it to hide needles in the text. state()/load_state() capture the generator exactly, so a resumed run
+  reads the same batches; the state is a plain dict of ints and strings (JSON-serialisable).
   """
-  def __init__(self, data:np.ndarray, batch_size:int, seq_len:int, seed:int=0, niah_mix:float=0.0):
-    self.data, self.B, self.T, self.niah_mix = np.asarray(data, dtype=np.uint8), batch_size, seq_len, niah_mix
+  def __init__(self, data:np.ndarray, batch_size:int, seq_len:int, seed:int=0, inject=None, share:float=0.0):
+    self.data, self.B, self.T, self.inject, self.share = np.asarray(data, dtype=np.uint8), batch_size, seq_len, inject, share
     if batch_size < 1 or seq_len < 1: raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if len(self.data) < seq_len + 1:
       raise ValueError(f"corpus has {len(self.data)} bytes, shorter than one window of seq_len + 1 = {seq_len + 1} bytes")
-    if not 0.0 <= niah_mix <= 1.0: raise ValueError(f"niah_mix must be in [0, 1], got {niah_mix}")
-    if niah_mix > 0:
-      # imported here because tasks.py imports this module (its haystacks are corpus text)
-      from .tasks import niah_min_length, niah_mix_window
-      if seq_len + 1 < niah_min_length():
-        raise ValueError(f"niah_mix needs seq_len + 1 >= {niah_min_length()} bytes to hold a needle and its question, got {seq_len + 1}")
-      self._mix = niah_mix_window
+    if not 0.0 <= share <= 1.0: raise ValueError(f"share must be in [0, 1], got {share}")
     self.rng = np.random.default_rng(seed)
 
   def next(self) -> tuple[np.ndarray, np.ndarray]:
     starts = self.rng.integers(0, len(self.data) - self.T, size=self.B)
     w = self.data[starts[:, None] + np.arange(self.T + 1)]                   # (B, T+1) uint8, a copy
-    if self.niah_mix > 0:
-      for i in np.flatnonzero(self.rng.random(self.B) < self.niah_mix): w[i] = self._mix(w[i], self.rng)
+    if self.inject is not None and self.share > 0:
+      for i in np.flatnonzero(self.rng.random(self.B) < self.share): w[i] = self.inject(w[i], self.rng)
     w = w.astype(np.int32)
     return w[:, :-1], w[:, 1:]
 

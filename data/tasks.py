@@ -16,7 +16,7 @@
 """
 import functools, hashlib, uuid
 import numpy as np
-from .corpus import load_corpus
+from .corpus import Batches, load_corpus
 
 IGNORE = -100   # target of the positions MQAR does not score
 
@@ -129,6 +129,13 @@ def niah_example(task:int, length:int, depth:float, rng:np.random.Generator, spl
 
 def niah_mix_window(window:np.ndarray, rng:np.random.Generator) -> np.ndarray:
   """A training window of the same length carrying a needle and its question (random task and depth, training needles);
-  NIAH-2/3 hide it in the window's own text. Used by corpus.Batches(niah_mix=...)."""
+  NIAH-2/3 hide it in the window's own text. Used by niah_batches."""
   task, depth = int(rng.integers(1, 4)), float(rng.random())
   return niah_example(task, len(window), depth, rng, split="train", haystack=window)[0]
+
+def niah_batches(data:np.ndarray, batch_size:int, seq_len:int, seed:int=0, niah_mix:float=0.0) -> Batches:
+  """Training windows of `data` (corpus.Batches) where a share niah_mix of them carry a needle and its question."""
+  if not 0.0 <= niah_mix <= 1.0: raise ValueError(f"niah_mix must be in [0, 1], got {niah_mix}")
+  if niah_mix > 0 and seq_len + 1 < niah_min_length():
+    raise ValueError(f"niah_mix needs seq_len + 1 >= {niah_min_length()} bytes to hold a needle and its question, got {seq_len + 1}")
+  return Batches(data, batch_size, seq_len, seed, inject=niah_mix_window if niah_mix > 0 else None, share=niah_mix)

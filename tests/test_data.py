@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest was started
 from data.corpus import SEP, Batches, load_corpus, split_of, stdlib_files, stdlib_root
-from data.tasks import IGNORE, NOISE, mqar_batch, niah_example, niah_min_length
+from data.tasks import IGNORE, NOISE, mqar_batch, niah_batches, niah_example, niah_min_length
 
 # **** corpus ****
 
@@ -80,21 +80,21 @@ def test_batches():
 @pytest.mark.parametrize("mix", [0.0, 0.5])
 def test_batches_resume(mix):
   data = load_corpus(None, "val")
-  a = Batches(data, 4, 400, seed=3, niah_mix=mix)
+  a = niah_batches(data, 4, 400, seed=3, niah_mix=mix)
   for _ in range(3): a.next()
   state = json.loads(json.dumps(a.state()))      # what a checkpoint stores
   want = [a.next() for _ in range(3)]
-  b = Batches(data, 4, 400, seed=123, niah_mix=mix)
+  b = niah_batches(data, 4, 400, seed=123, niah_mix=mix)
   b.load_state(state)
   for (xa, ya), (xb, yb) in zip(want, [b.next() for _ in range(3)]): assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
 
 def test_batches_niah_mix():
-  x, y = Batches(load_corpus(None, "train"), 16, 512, seed=0, niah_mix=1.0).next()
+  x, y = niah_batches(load_corpus(None, "train"), 16, 512, seed=0, niah_mix=1.0).next()
   rows = [bytes(np.concatenate([r, s[-1:]]).astype(np.uint8)) for r, s in zip(x, y)]
   assert all(b"One of the special magic" in r and b"mentioned in the provided text is: " in r for r in rows)
-  n = sum(b"special magic" in bytes(r.astype(np.uint8)) for r in Batches(DATA, 200, 400, seed=0, niah_mix=0.25).next()[0])
+  n = sum(b"special magic" in bytes(r.astype(np.uint8)) for r in niah_batches(DATA, 200, 400, seed=0, niah_mix=0.25).next()[0])
   assert 25 < n < 75
-  with pytest.raises(ValueError, match="niah_mix needs"): Batches(DATA, 2, 100, niah_mix=0.1)
+  with pytest.raises(ValueError, match="niah_mix needs"): niah_batches(DATA, 2, 100, niah_mix=0.1)
 
 # **** MQAR ****
 
