@@ -5,44 +5,38 @@ tinymc evaluation of a trained run: language modelling at longer contexts, needl
   python eval.py ppl  --ckpt=runs/none --agg=mean --segment=512    # post-training memory caching of an agg=none model (4.3)
   python eval.py niah --ckpt=runs/default --limit=4                # NIAH-1/2/3 accuracy over lengths x depths
   python eval.py mqar --ckpt=runs/mqar                             # MQAR accuracy over (seq_len, num_kv_pairs)
-  python eval.py speed --parts=layers --out=speed.json             # forward+backward ms of fresh models (no --ckpt)
 
 Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
 the same weights. Each command prints a table and writes it as JSON into the run folder, eval_<command>[-<overrides>].json,
-or to --out. speed times randomly initialised layers and models at issue 4's sizes (tiny ones on the CPU, a smoke test):
-layers (one MC layer, Block.mix, vs length), package (the same layer against the memory-caching package), model (each core, grm vs none);
-MCConfig overrides (--dtype=bfloat16 --dim=512) apply to all of them, --parts and --configs pick what runs.
+or to --out. Timings and comparisons with peers are bench.py's.
 NIAH is scored by exact match of the answer bytes: teacher-forced argmax at every answer position (which equals greedy
 decoding: a wrong byte already fails the example), or with --generate by model.generate at temperature 0.
 """
-import dataclasses, gc, json, math, sys, typing
+import dataclasses, json, math, sys, typing
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from tqdm import tqdm
-from tinygrad import Context, Device, Tensor, TinyJit
-from tinygrad.nn.state import get_parameters
-import kernels, train
-from mc import CORES, Block, MCConfig, Model
+from tinygrad import Context, Device
+import train
+from mc import MCConfig
 from data import load_corpus, mqar_batch, niah_example
 from data.tasks import niah_min_length
 
 @dataclass
 class EvalConfig:
   ckpt: str = ""                       # the run folder to evaluate, runs/<name>
-  limit: int = 0                       # examples per cell (ppl: windows per length; speed: timed runs); 0 = the command's default
+  limit: int = 0                       # examples per cell (ppl: windows per length); 0 = the command's default
   batch: int = 8                       # sequences per forward pass
   mults: tuple[int, ...] = (1, 2, 4)   # ppl, niah, mqar: lengths as multiples of the training length
-  lengths: tuple[int, ...] = ()        # niah and mqar: lengths in tokens instead of mults; speed: the layers' lengths
+  lengths: tuple[int, ...] = ()        # niah and mqar: lengths in tokens instead of mults
   depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)   # niah: needle depths
   tasks: tuple[int, ...] = (1, 2, 3)   # niah: which S-NIAH tasks
   generate: bool = False               # niah: decode the answer with model.generate (greedy) instead of teacher-forced argmax
   kvs: tuple[int, ...] = (4, 8, 16, 32, 64)   # mqar: key-value pairs per sequence
   data: str = ""                       # ppl: corpus to take the val split of; "" = the run's own
   seed: int = 0                        # example generation
-  parts: tuple[str, ...] = ("layers", "package", "model")   # speed: which measurements (each fits one 10-minute GPU call)
-  configs: tuple[str, ...] = ()        # speed: only these rows (layers: none,grm,grm-log,ssc,ssc-log,attn; model: la-grm,...,attn)
-  out: str = ""                        # write the JSON here instead of the run folder (speed writes none without it)
+  out: str = ""                        # write the JSON here instead of the run folder
 
 def load(ec:EvalConfig, overrides:dict):
   if not ec.ckpt: raise ValueError("--ckpt=runs/<name> is required")
@@ -133,121 +127,7 @@ def mqar(ec:EvalConfig, overrides:dict) -> dict:
   print(table(["seq_len", *[f"kv={kv}" for kv in ec.kvs]], [[T, *[cells[T, kv] for kv in ec.kvs]] for T in lengths(ec, cfg)]))
   return {"rows": rows}
 
-# ***** speed: forward+backward ms of fresh layers and models (--limit = timed repetitions, --lengths = the layers' lengths) *****
-
-# per part: batch, lengths and the MCConfig fields under the overrides; a row's own fields (LAYERS, MODELS) go over both
-SPEED = {"layers": (1, (1024, 2048, 4096, 8192, 16384, 32768), dict(dim=1024, n_heads=16, segment=256, chunk=64, core="swla")),
-         "package": (4, (2048,), dict(dim=1024, n_heads=16, segment=256, chunk=64, agg="grm")),
-         "model": (4, (2048,), dict(dim=256, n_heads=4, n_layers=4, segment=256, chunk=64))}
-# the CPU's: a smoke test (5-8 min on 2 cores, nearly all of it compiling); its times mean little
-SPEED_CPU = {"layers": (1, (256, 512), dict(dim=64, n_heads=4, segment=64, chunk=16, core="swla")),
-             "package": (1, (256,), dict(dim=64, n_heads=4, segment=64, chunk=16, agg="grm")),
-             "model": (1, (256,), dict(dim=32, n_heads=2, n_layers=2, segment=64, chunk=16))}
-LAYERS = {"none": dict(agg="none"), "grm": dict(agg="grm"), "grm-log": dict(agg="grm", segmentation="log"), "ssc": dict(agg="ssc"),
-          "ssc-log": dict(agg="ssc", segmentation="log"), "attn": dict(mixer="attn", agg="none")}
-MODELS = {**{f"{c}-{a}": dict(core=c, agg=a) for c in CORES for a in ("grm", "none")}, "attn": dict(mixer="attn", agg="none")}
-PACKAGE = ("swla", "la")   # the tinymc cores timed against the package's linear memory
-ATTN_MAX_BYTES = 16 << 30   # layers: attn is skipped where its float32 (B,H,L,L) scores would pass this (B=1, H=16: L > 16K)
-
-def step_ms(loss, params:list[Tensor], ins:list[Tensor], reps:int) -> float:
-  # median ms of one TinyJit step, loss(*ins) and its gradient to every parameter, synchronized, after warm-up
-  @TinyJit
-  def step(*xs:Tensor) -> list[Tensor]:
-    grads = loss(*xs).gradient(*params)
-    Tensor.realize(*grads)
-    return grads
-  Tensor.realize(*params, *ins)
-  return kernels.time_ms(step, *ins, reps=reps)   # under evaluate()'s train.device_defaults(): JIT=2 on CUDA
-
-def layer_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float:
-  # one MC layer: a Block's token mixer with its residual, no MLP (what the memory-caching package's layer is)
-  blk = Block(cfg)
-  params = blk.mix_params()
-  x, gy = Tensor.randn(B, L, cfg.dim).cast(cfg.dtype), Tensor.randn(B, L, cfg.dim).cast(cfg.dtype)
-  return step_ms(lambda x, gy: (blk.mix(x) * gy).float().sum(), [x, *params], [x, gy], reps)
-
-def model_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float:
-  model = Model(cfg)
-  x, y = Tensor.randint(B, L, high=cfg.vocab), Tensor.randint(B, L, high=cfg.vocab)
-  return step_ms(lambda x, y: model(x).sparse_categorical_crossentropy(y), get_parameters(model), [x, y], reps)
-
-def package_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float|str:
-  # the memory-caching 0.1.0 layer (linear memory, grm: a token-by-token loop) forward+backward; or why it did not run
-  try:
-    import torch
-    from memory_caching import MemoryCachingLayer, MCConfig as PMC, LinearMemoryBackend
-    dev, dt = "cuda" if torch.cuda.is_available() else "cpu", getattr(torch, cfg.dtype)
-    pcfg = PMC(d_model=cfg.dim, num_heads=cfg.n_heads, backend="linear", aggregation="grm", segment_size=cfg.segment)
-    layer = MemoryCachingLayer(config=pcfg, backend=LinearMemoryBackend()).to(dev, dt)
-    x = torch.randn(B, L, cfg.dim, device=dev, dtype=dt, requires_grad=True)
-    gy, wrt = torch.randn_like(x), [x, *layer.parameters()]
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    return kernels.time_ms(lambda: torch.autograd.grad(layer(x), wrt, gy), reps=reps, warm=1, sync=sync)
-  except Exception as e: return f"memory-caching unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-
-def cell(what:str, fn) -> dict:
-  # one measurement; out of memory or a failed compile leaves it empty ("-") and the run goes on
-  try: ms, err = fn(), None
-  except Exception as e: ms, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-  finally: gc.collect()
-  print(f"{what}: " + (f"{ms:.2f} ms" if err is None else f"failed, {err}"), flush=True)
-  return {"ms": ms, "error": err}
-
-def fmt(ms:float|None) -> str: return "-" if ms is None else f"{ms:.2f}"
-
-def speed_layers(mk, B:int, Ls:tuple, reps:int, pick) -> dict:
-  c = mk({})
-  print(f"layers: one MC layer (Block.mix: the mixer and its residual) forward+backward, B={B} dim={c.dim} heads={c.n_heads} core={c.core} segment={c.segment} chunk={c.chunk}")
-  def one(n:str, L:int) -> dict:
-    # tinygrad's attention builds the whole (B,H,L,L) score matrix: past ATTN_MAX_BYTES of it in float32 it is not tried
-    if n == "attn" and (nbytes := B * c.n_heads * L * L * 4) > ATTN_MAX_BYTES:
-      print(f"layers attn L={L}: skipped, its score matrix alone is {nbytes / 2**30:.0f} GiB", flush=True)
-      return {"ms": None, "error": "skipped: score matrix too large"}
-    return cell(f"layers {n} L={L}", lambda: layer_ms(mk(LAYERS[n]), B, L, reps))
-  rows = [{"config": n, "L": L, **one(n, L)} for n in pick(LAYERS) for L in Ls]
-  ms = {(r["config"], r["L"]): r["ms"] for r in rows}
-  print(table(["ms", *[f"L={L}" for L in Ls]], [[n, *[fmt(ms[n, L]) for L in Ls]] for n in pick(LAYERS)]))
-  return {"B": B, "config": dataclasses.asdict(c), "rows": rows}
-
-def speed_package(mk, B:int, L:int, reps:int, pick) -> dict:
-  rows = [{"core": k, **cell(f"package tinymc {k}+grm B={B} L={L}", lambda: layer_ms(mk({"core": k}), B, L, reps))} for k in pick(PACKAGE)]
-  # in its own process (its own CUDA context), 1 warm-up and 2 timed runs: it takes seconds
-  c, pkg = mk({}), kernels.isolated(package_ms, mk({}), B, L, min(reps, 2))
-  print(f"package: an MC layer (grm, segment {c.segment}) forward+backward, B={B} L={L} dim={c.dim} heads={c.n_heads}, {c.dtype}; "
-        + (f"{pkg}: tinymc timed alone" if isinstance(pkg, str) else f"memory-caching 0.1.0 (linear memory) {pkg:.1f} ms"))
-  for r in rows: r["speedup"] = None if isinstance(pkg, str) or r["ms"] is None else pkg / r["ms"]
-  print(table(["layer", "ms", "speed-up", "target >= 200x"], [[f"tinymc Block.mix {r['core']}+grm", fmt(r["ms"]), "-" if r["speedup"] is None else
-        f"{r['speedup']:.0f}x", "-" if r["speedup"] is None else "PASS" if r["speedup"] >= 200 else "MISS"] for r in rows]))
-  return {"B": B, "L": L, "config": dataclasses.asdict(c), "package_ms": None if isinstance(pkg, str) else pkg,
-          "package_error": pkg if isinstance(pkg, str) else None, "rows": rows}
-
-def speed_model(mk, B:int, L:int, reps:int, pick) -> dict:
-  c = mk({})
-  print(f"model: forward+backward, B={B} L={L} dim={c.dim} heads={c.n_heads} layers={c.n_layers} segment={c.segment} chunk={c.chunk}")
-  ms = {n: cell(f"model {n} B={B} L={L}", lambda: model_ms(mk(MODELS[n]), B, L, reps))["ms"] for n in pick(MODELS)}
-  ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"
-  print(table(["core", "grm ms", "none ms", "grm/none"], [[k, fmt(ms.get(f"{k}-grm")), fmt(ms.get(f"{k}-none")), ratio(ms.get(f"{k}-grm"),
-        ms.get(f"{k}-none"))] for k in CORES if {f"{k}-grm", f"{k}-none"} & set(ms)] + ([["attn", "-", fmt(ms["attn"]), "-"]] if "attn" in ms else [])))
-  return {"B": B, "L": L, "config": dataclasses.asdict(c), "rows": [{"config": n, "ms": v} for n, v in ms.items()]}
-
-def speed(ec:EvalConfig, overrides:dict) -> dict:
-  """Forward+backward ms (TinyJit, synchronized, warmed up, median of --limit) of fresh layers and models; needs no --ckpt."""
-  sizes = SPEED_CPU if Device.DEFAULT == "CPU" else SPEED
-  if bad := set(ec.parts) - set(SPEED): raise ValueError(f"--parts: unknown {sorted(bad)}, allowed values are {tuple(SPEED)}")
-  if bad := set(ec.configs) - {*LAYERS, *MODELS, *PACKAGE}:
-    raise ValueError(f"--configs: unknown {sorted(bad)}, allowed values are {tuple(LAYERS)}, {tuple(MODELS)} and (package) {PACKAGE}")
-  reps, pick = ec.limit or (3 if Device.DEFAULT == "CPU" else 10), lambda names: [n for n in names if not ec.configs or n in ec.configs]
-  mk = lambda part: lambda row: MCConfig(**{**sizes[part][2], **overrides, **row})
-  dt = mk("layers")({}).dtype
-  train.check_dtype(dt)
-  print(f"speed | device {Device.DEFAULT} | dtype {dt} | parts {','.join(ec.parts)} | reps {reps} | overrides {overrides or 'none'}")
-  res = {"device": Device.DEFAULT}
-  if "layers" in ec.parts: res["layers"] = speed_layers(mk("layers"), sizes["layers"][0], ec.lengths or sizes["layers"][1], reps, pick)
-  if "package" in ec.parts: res["package"] = speed_package(mk("package"), sizes["package"][0], sizes["package"][1][0], reps, pick)
-  if "model" in ec.parts: res["model"] = speed_model(mk("model"), sizes["model"][0], sizes["model"][1][0], reps, pick)
-  return res
-
-COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar, "speed": speed}
+COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar}
 
 def evaluate(cmd:str, argv:list[str]) -> dict:
   """Run one command with --key=value arguments (EvalConfig fields, and MCConfig fields as overrides); returns its JSON dict."""

@@ -2,19 +2,35 @@
 tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so one source runs on CUDA, Metal, OpenCL and CPU.
 
 Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref); cfg.kernels switches
-the model between the two. `python kernels.py` validates every kernel against its reference on fresh random inputs and
-prints a table; `python kernels.py --bench` times them on the default device.
+the model between the two. `python bench.py check` validates every kernel against its reference on fresh random inputs and
+prints a table; `python bench.py kernels` times them on the default device.
 
 One rule when using them: take gradients before realizing the forward. In tinygrad 0.14 realizing a custom kernel's output
 (loss.item(), print(loss.numpy())) replaces its graph with the buffer, and a later .backward() finds no path through the
 kernel: the gradients upstream of it come back as zeros, without an error. train.py realizes loss and gradients together.
 """
 from __future__ import annotations
-from tinygrad import Tensor
+import functools, math, os
+from typing import NamedTuple
+import numpy as np
+from tinygrad import Tensor, UOp, Device, dtypes
+from tinygrad.uop.ops import KernelInfo, AxisType, Ops
+from tinygrad.dtype import AddrSpace
 
 def applies(x:Tensor) -> bool:
   # the kernels take (B,H,L,D) inputs of any float dtype on any device; anything else runs mc.py's references
   return x.ndim == 4 and x.is_floating_point()
+
+@functools.cache
+def supported(dt:str) -> bool:
+  # the renderer's list, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
+  if dt == "float32": return True
+  if getattr(dtypes, dt) not in Device[Device.DEFAULT].renderer.supported_dtypes(): return False
+  null, err = os.open(os.devnull, os.O_WRONLY), os.dup(2)
+  os.dup2(null, 2)   # where the probe fails, the compiler's complaint is expected: keep it off the table
+  try: return (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
+  except Exception: return False
+  finally: os.dup2(err, 2); os.close(err); os.close(null)  # noqa: E702
 
 # **** chunk_scan ****
 # The chunkwise-parallel scan of the linear cores la and swla (Eqs. 12, 28-29), forward and backward, as UOp kernels.
@@ -29,11 +45,6 @@ def applies(x:Tensor) -> bool:
 # every operand read either along the lanes (coalesced) or alike by all lanes (broadcast); that is why k, v, Mp and H get
 # transposed copies. The scans run a thread per state entry and a loop over the chunks. All gradients come from the o kernel's
 # grad_fxn; the gate gradients use the decay identity dL/dG_t = q_t.dq_t + <dS,S>[t ends a segment] - l_t dl_t - b_t db_t.
-import functools, math
-from typing import NamedTuple
-from tinygrad import UOp, Device, dtypes
-from tinygrad.uop.ops import KernelInfo, AxisType, Ops
-from tinygrad.dtype import AddrSpace
 
 class _Scan(NamedTuple):
   N: int; Nc: int; T: int; D: int; H: int     # rows (B*H), chunks, chunk, head dim, heads  # noqa: E702
@@ -262,42 +273,6 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
   ret = [None, None, dv, None, dq, *dg, dk, None, None, *dm0]
   return tuple(None if x is None else x.cast(s.dtype).uop for x, s in zip(ret, call.src[1:]))
 
-def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segment:int=256, dtype=dtypes.float,
-                     cores:tuple=("la", "swla"), reps:int=20, independent:bool=False, m0:bool=False, cache:bool=False) -> list[tuple]:
-  """Validate chunk_scan against mc.linear_scan on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
-  forward, and forward+backward. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors are the worst
-  relative RMS over the forward outputs (o, and S with cache) and, for fwd+bwd, also over the gradients of q, k, v, the gates
-  and M0. m0: start from a random M0 (H,D,D); cache: S is an output too, with its own random gradient. A half dtype's
-  reference is fed the same rounded inputs in float32."""
-  from tinygrad import TinyJit
-  import mc
-  rows = []
-  for core in cores:
-    Tensor.manual_seed(0)
-    ins = [Tensor.randn(B, H, L, D).cast(dtype).realize() for _ in range(3)] + [Tensor.randn(B, H, L).realize() for _ in range(3 * (core == "swla"))]
-    ins += [(Tensor.randn(H, D, D) * D ** -0.5).realize()] * m0
-    go, gS = Tensor.randn(B, H, L, D).cast(dtype).realize(), Tensor.randn(B, H, L // segment, D, D).realize()
-    def fwd(f, q, k, v, *g):
-      M0, g = (g[-1], g[:-1]) if m0 else (None, g)
-      gates = (g[0].sigmoid().log(), g[1].sigmoid(), g[2].sigmoid()) if g else (None, None, None)
-      o, S = f(q, k, v, *gates, M0, chunk, segment, independent)
-      return [o, S] if cache else [o]
-    def step(f, *xs):
-      outs = fwd(f, *xs)
-      gz = go.cast(outs[0].dtype)
-      loss = (outs[0] * gz).sum() + (outs[1] * gS).sum() if cache else None
-      return [*outs, *(loss.gradient(*xs) if cache else outs[0].gradient(*xs, gradient=gz))]
-    err, rel = {}, {}
-    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      # one schedule per side (the timed JITs below reuse its compiled kernels)
-      res = [_numpy(fn(f, *xs)) for f, xs in ((mc.linear_scan, [x.float() for x in ins]), (chunk_scan, ins))]
-      err[name], rel[name] = _errors(*res)
-    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {repr(dtype).removeprefix('dtypes.')}" + " M0" * m0 + " +S" * cache
-    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
-      rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
-  return rows
-
 # **** cache_read ****
 # y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t over the entries token t reads (Eqs. 7, 9-10, 16-17), forward and backward.
 # A slot r of token t names an entry it reads: a static table per segment (grm, residual, mean: all tokens of a segment read
@@ -310,10 +285,6 @@ def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segm
 # entries, grm) this took the fwd+bwd from 92 ms with tinygrad's own scheduling to 19 ms: 13-26 TFLOP/s in each kernel.
 # residual and mean read one summed state per segment; const grm runs in groups of segments (half the token x entry square).
 # The weights are cheap glue (B,H,L,slots) and autograd carries dw, dw_on back to z, z_on; nothing (B,H,L,N,D) is ever built.
-import functools, math
-import numpy as np
-from tinygrad import UOp, dtypes
-from tinygrad.uop.ops import KernelInfo, AxisType, Ops
 
 def _tokens(B:int, H:int, L:int, C:int):
   # output ranges (b, h, segment, token in segment); t is clamped for the loads and ok gates the stores (L % C may be nonzero)
@@ -608,278 +579,3 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
   idx, zs = idx.custom_kernel(zs, *_c(z.transpose(-1, -2), rd), fxn=_select_fxn(L, C, topk), grad_fxn=bwd_select)[:2]
   w_on, w = _softmax(z_on, zs)
   return _read(q, o, M, w, w_on, idx, C, True)
-
-def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
-                     reps:int=10) -> list[tuple]:
-  """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
-  forward, and forward+backward to q, o, M and (grm, ssc) z, z_on. Rows (name, shape, max abs err, rel err, reference ms,
-  kernel ms); the errors are the worst relative RMS over y (fwd) and also the gradients (fwd+bwd). Above ref_max_L the reference
-  (whose backward builds (B,H,L,N*D)) is not run: nan. cases (agg, L, q dtype[, segmentation[, topk]]) default to issue 4's
-  (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU. A half q's reference gets it in float32."""
-  import mc
-  from tinygrad import TinyJit, Device
-  if cases is None and Device.DEFAULT == "CPU": B, H, D, segment, cases = 1, 2, 16, 16, (("grm", 256, "float32"), ("ssc", 256, "float32"))
-  if cases is None: cases = (("grm", 8192, "float32"), ("grm", 8192, "bfloat16"), ("ssc", 8192, "float32"), ("ssc", 32768, "float32"),
-                             ("grm", 32768, "float32"))
-  cases = [c for c in cases if supported(c[2])]
-  rows = []
-  for agg, L, dt, *more in cases:
-    seg, k = (*more, "const", topk)[:2] if len(more) < 2 else more
-    Tensor.manual_seed(0)
-    blocks, reads = mc.cache_plan(-(-L // segment), seg)
-    N = len(blocks)
-    ins = [Tensor.randn(B, H, L, D).cast(dt), Tensor.randn(B, H, L, D), Tensor.randn(B, H, N, D, D) * D ** -0.5, Tensor.randn(B, H, L, N),
-           Tensor.randn(B, H, L)]
-    ins, gy = [x.contiguous().realize() for x in ins], Tensor.randn(B, H, L, D).realize()
-    # residual and mean do not read the logits: no gradient reaches z, z_on
-    nwrt = 5 if agg in ("grm", "ssc") else 3
-    def fwd(f, q, o, M, z, z_on): return [f(q, o, M, z, z_on, reads, segment, agg, k)]
-    def step(f, *xs): return [(y := fwd(f, *xs)[0]), *y.gradient(*xs[:nwrt], gradient=gy)]
-    fs = (mc.cache_read_ref, cache_read) if L <= ref_max_L else (cache_read,)
-    err, rel = {"fwd": math.nan, "fwd+bwd": math.nan}, {"fwd": math.nan, "fwd+bwd": math.nan}
-    for name, fn in (("fwd", fwd), ("fwd+bwd", step)) if len(fs) == 2 else ():
-      res = [_numpy(fn(f, *xs)) for f, xs in zip(fs, ([ins[0].float(), *ins[1:]], ins))]
-      err[name], rel[name] = _errors(*res)
-    shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} {seg} q {dt}" + (f" top{k}" if agg == "ssc" else "")
-    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
-      rows.append((f"cache_read {agg} {name}", shape, err[name], rel[name], *([math.nan] * (2 - len(t))), *t))
-  return rows
-
-# **** validation and benchmark ****
-# `python kernels.py` checks every kernel against its reference on fresh random inputs, forward and forward+backward (every
-# output, every input), times both and exits 1 when a row's relative RMS error passes its dtype's tolerance. `--bench` times
-# issue 4's targets on this device, against fla's chunk_linear_attn where it imports. Shapes: small on the CPU (a minute or
-# two), issue 4's B=4 H=16 L=8192 D=64 chunk 64 segment 256 elsewhere.
-#   python kernels.py [--only=chunk_scan,cache_read ssc] [--reps=N] [--json=PATH]      validate
-#   python kernels.py --bench [--json=PATH]                                              issue 4's speed targets
-#   python kernels.py --profile [--json=PATH]                                            per-kernel ms of one fwd+bwd
-import json, os, statistics, sys, time
-
-# relative RMS error allowed; a half row's reference gets the same rounded inputs in float32, so what is left is its rounding
-TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
-SHAPE = {"CPU": dict(B=1, H=2, L=200, D=16, chunk=16, segment=32)}   # L on no chunk or segment boundary
-ISSUE4 = dict(B=4, H=16, L=8192, D=64, chunk=64, segment=256)
-# chunk_scan (core, independent, dtype), each with a random M0 and the cache states S as an output; cache_read (agg, q dtype,
-# segmentation, topk); topk 64 is at least every entry (ssc reads as grm)
-SCAN_CASES = (("la", False, "float32"), ("la", True, "float32"), ("swla", False, "float32"), ("swla", True, "float32"),
-              ("la", False, "bfloat16"))
-READ_CASES = (("residual", "float32", "const", 2), ("mean", "float32", "const", 2), ("grm", "float32", "const", 2),
-              ("grm", "float32", "log", 2), ("ssc", "float32", "const", 1), ("ssc", "float32", "const", 2), ("ssc", "float32", "log", 2),
-              ("ssc", "float32", "const", 64), ("grm", "bfloat16", "const", 2))
-
-def _numpy(xs:list[Tensor]) -> list[np.ndarray]:
-  Tensor.realize(*xs)   # one schedule
-  return [x.float().numpy() for x in xs]
-
-def _errors(ref:list[np.ndarray], got:list[np.ndarray]) -> tuple[float, float]:
-  # (max abs error, worst relative RMS error) over the paired arrays; a NaN anywhere makes both NaN (and fails)
-  pairs = [(a, b) for a, b in zip(ref, got) if a.size]
-  rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-  return float(np.max([np.abs(a - b).max() for a, b in pairs])), float(np.max([rms(a - b) / (rms(a) + 1e-30) for a, b in pairs]))
-
-def time_ms(fn, *xs, reps:int, warm:int=2, sync=None) -> float:
-  # median ms of fn(*xs), synchronized (default: tinygrad's device; a PyTorch peer passes its own), after warm-up calls
-  # (a TinyJit captures on its second)
-  sync = sync or Device[Device.DEFAULT].synchronize
-  for _ in range(warm): fn(*xs)
-  sync()
-  ts = []
-  for _ in range(reps):
-    st = time.perf_counter()
-    fn(*xs)
-    sync()
-    ts.append(time.perf_counter() - st)
-  return statistics.median(ts) * 1e3
-
-def _fla_ms(B:int, H:int, L:int, D:int, dts:tuple, reps:int) -> dict|str:
-  # fla's chunk_linear_attn on (B, L, H, D) tensors, M = sum v k^T read by q unscaled: {dtype: {"fwd": ms, "fwd+bwd": ms}},
-  # or why not. One process for every dtype: importing PyTorch and fla takes a while
-  try:
-    import torch
-    from fla.ops.linear_attn import chunk_linear_attn
-    if not torch.cuda.is_available(): return "fla: no CUDA device for torch"
-    res = {}
-    for dt in dts:
-      q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=getattr(torch, dt), requires_grad=True) for _ in range(3))
-      go = torch.randn_like(q)
-      fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
-      def nograd():
-        with torch.no_grad(): fwd()
-      sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
-      res[dt] = {"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), **sync)}
-    return res
-  except Exception as e: return f"fla unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-
-def isolated(fn, *args):
-  # fn(*args) in a fresh process: PyTorch there and tinygrad here each keep their own CUDA context and memory
-  import concurrent.futures, multiprocessing
-  try:
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex: return ex.submit(fn, *args).result()
-  except Exception as e: return f"{fn.__name__} failed in its process ({type(e).__name__}: {e})"
-
-@functools.cache
-def supported(dt:str) -> bool:
-  # the renderer's list, then a kernel that stores the type: a compiler may still lack it (clang < 17: no x86 __bf16)
-  if dt == "float32": return True
-  if getattr(dtypes, dt) not in Device[Device.DEFAULT].renderer.supported_dtypes(): return False
-  null, err = os.open(os.devnull, os.O_WRONLY), os.dup(2)
-  os.dup2(null, 2)   # where the probe fails, the compiler's complaint is expected: keep it off the table
-  try: return (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
-  except Exception: return False
-  finally: os.dup2(err, 2); os.close(err); os.close(null)  # noqa: E702
-
-def _record(r:tuple, dt:str, **peer) -> dict:
-  # a bench_* tuple as a dict; a row without a reference (nan ms) is timed, not checked
-  name, shape, err, rel, ref, ker = r
-  ok = math.isnan(ref) or rel <= TOL[dt]
-  return {"name": name, "shape": shape, "dtype": dt, "max_abs": err, "rel": rel, "tol": TOL[dt], "ref_ms": ref, "kernel_ms": ker,
-          "speedup": ref / ker, "ok": ok, **peer}
-
-HEAD = f"{'name':<30} {'shape':<66} {'max abs':>9} {'rel err':>9} {'ref ms':>9} {'kernel ms':>9} {'speed-up':>8}"
-def _line(r:dict) -> str:
-  s = f"{r['name']:<30} {r['shape']:<66} {r['max_abs']:9.2e} {r['rel']:9.2e} {r['ref_ms']:9.3f} {r['kernel_ms']:9.3f} {r['speedup']:7.2f}x"
-  if r.get("peer"): s += f"  {r['peer']}: " + (f"{r['peer_ms']:.3f} ms, {r['ratio']:.2f}x" if r.get("peer_ms") is not None else "n/a")
-  return s + ("" if r["ok"] else f"  FAIL (rel err > {r['tol']:g})")
-
-def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
-  """Every kernel against its reference (the cases above, at SHAPE for this device or ISSUE4); only: run the cases whose label
-  ("chunk_scan la indep float32", "cache_read ssc const float32 top2") contains one of these strings."""
-  sh = SHAPE.get(Device.DEFAULT, ISSUE4)
-  reps, rows = reps or (3 if Device.DEFAULT == "CPU" else 20), []
-  def add(new:list, dt:str):
-    for r in new: rows.append(_record(r, dt)); emit(_line(rows[-1]))
-  if not all(supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
-  for core, indep, dt in SCAN_CASES:
-    if supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
-      add(bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=(core,), reps=reps, independent=indep, m0=True, cache=True), dt)
-  for agg, dt, seg, k in READ_CASES:
-    if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
-      add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
-  return rows
-
-def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
-  """Issue 4's speed targets on this device: rows (as validate's, with the peer, its ms and kernel/peer) and the targets."""
-  cpu = Device.DEFAULT == "CPU"
-  sh, long_L = (dict(B=1, H=2, L=256, D=16, chunk=16, segment=32), 1024) if cpu else (ISSUE4, 32768)
-  reps, rows, targets = reps or (3 if cpu else 20), [], []
-  def add(r:tuple, dt:str, peer:str, peer_ms:float|None):
-    rows.append(_record(r, dt, peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else r[5] / peer_ms))
-    emit(_line(rows[-1]))
-    return rows[-1]
-  def target(what:str, r:dict, limit:float, why:str=""):
-    ok = None if r["ratio"] is None else r["ratio"] <= limit
-    targets.append({"target": f"{what} <= {limit:g}x {r['peer']}", "ratio": r["ratio"], "pass": ok, "why": why})
-  # chunk_scan la against fla, float32 and bfloat16 inputs
-  scan, dts = {}, tuple(dt for dt in ("float32", "bfloat16") if supported(dt))
-  fla_all = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dts, reps)
-  if isinstance(fla_all, str): emit(f"  {fla_all}: chunk_scan timed alone")
-  for dt in dts:
-    ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
-    fla = fla_all if isinstance(fla_all, str) else fla_all[dt]
-    for r, limit in zip(ours, (1.5, 2.0)):
-      row = add(r, dt, "fla", None if isinstance(fla, str) else fla[r[0].split()[-1]])
-      target(f"{r[0]} {dt}", row, limit, fla if isinstance(fla, str) else "")
-      scan[r[0].split()[-1], dt] = r
-  # cache_read grm at the same shape against chunk_scan; ssc top-2 against grm at a long length (ref not run there)
-  for r in bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], (("grm", sh["L"], "float32", "const", 2),), reps=reps):
-    row = add(r, "float32", "chunk_scan la", scan["fwd+bwd" if "bwd" in r[0] else "fwd", "float32"][5])
-    if "bwd" in r[0]: target(r[0], row, 1.0)
-  ssc, grm = (bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, long_L, "float32", "const", 2),), reps=reps)
-              for agg in ("ssc", "grm"))
-  for r, g in zip(ssc, grm):
-    add(g, "float32", "", None)
-    row = add(r, "float32", f"grm L={long_L}", g[5])
-    if "bwd" in r[0]: target(r[0] + " top2", row, 0.25)
-  return rows, targets
-
-def kernel_times(fn) -> dict[str, tuple[float, int]]:
-  """Where the time goes: {kernel name: (device ms, launches)} of one fn() (which returns the Tensors to realize). Two calls
-  compile and warm up; the third runs with DEBUG=2, where tinygrad synchronizes after each kernel and prints its time."""
-  import contextlib, io, re
-  from tinygrad import Context
-  with Context(JIT=0):   # no TinyJit graph: every kernel gets its own line
-    for _ in range(2): Tensor.realize(*fn())
-    Device[Device.DEFAULT].synchronize()
-    with contextlib.redirect_stdout(buf := io.StringIO()), Context(DEBUG=2):
-      Tensor.realize(*fn())
-      Device[Device.DEFAULT].synchronize()
-  res: dict[str, tuple[float, int]] = {}
-  for line in buf.getvalue().splitlines():
-    if m := re.match(r"\*\*\* \S+\s+\d+ (.*?) arg .* tm\s+([\d.]+)(us|ms|s)\s*/", re.sub(r"\x1b\[[0-9;]*m", "", line)):
-      ms, n = res.get(name := " ".join(m.group(1).split()), (0.0, 0))
-      res[name] = (ms + float(m.group(2)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(3)], n + 1)
-  return res
-
-def profile(emit=print, top:int=12) -> dict[str, dict]:
-  """--profile: kernel_times of one forward+backward of chunk_scan la and cache_read grm (the bench's shape, float32) and of an
-  MC layer (Block.mix swla+grm, no MLP: d=1024, 16 heads, B=4, L=2048 as eval.py's package comparison); small on the CPU."""
-  import mc
-  cpu = Device.DEFAULT == "CPU"
-  sh = SHAPE["CPU"] if cpu else ISSUE4
-  B, H, L, D, C = (sh[x] for x in ("B", "H", "L", "D", "segment"))
-  Tensor.manual_seed(0)
-  q, k, v, gy = (Tensor.randn(B, H, L, D).realize() for _ in range(4))
-  blocks, reads = mc.cache_plan(-(-L // C), "const")
-  N = len(blocks)
-  M, z, z_on = (Tensor.randn(B, H, N, D, D) * D ** -0.5).realize(), Tensor.randn(B, H, L, N).realize(), Tensor.randn(B, H, L).realize()
-  def scan():
-    o = chunk_scan(q, k, v, None, None, None, None, sh["chunk"], C, False)[0]
-    return [o, *o.gradient(q, k, v, gradient=gy)]
-  def read():
-    y = cache_read(q, v, M, z, z_on, reads, C, "grm", 2)
-    return [y, *y.gradient(q, v, M, z, z_on, gradient=gy)]
-  Bl, Ll, cfg = (1, 256, dict(dim=64, n_heads=4, segment=64, chunk=16)) if cpu else (4, 2048, dict(dim=1024, n_heads=16, segment=256, chunk=64))
-  blk = mc.Block(mc.MCConfig(**cfg, core="swla", agg="grm"))
-  params = blk.mix_params()
-  x, gx = Tensor.randn(Bl, Ll, cfg["dim"]).realize(), Tensor.randn(Bl, Ll, cfg["dim"]).realize()
-  Tensor.realize(*params)
-  def layer():
-    y = blk.mix(x)
-    return [y, *(y * gx).sum().gradient(x, *params)]
-  shape = f"B={B} H={H} L={L} D={D} chunk={sh['chunk']} segment={C}"
-  res = {}
-  for what, fn in ((f"chunk_scan la fwd+bwd {shape}", scan), (f"cache_read grm fwd+bwd {shape} N={N}", read),
-                   (f"Block.mix swla+grm fwd+bwd B={Bl} L={Ll} dim={cfg['dim']} heads={cfg['n_heads']}", layer)):
-    res[what] = kt = kernel_times(fn)
-    emit(f"profile {what}: {sum(n for _, n in kt.values())} kernels, {sum(ms for ms, _ in kt.values()):.2f} ms summed "
-         "(DEBUG=2: each kernel synchronized)")
-    for name, (ms, n) in sorted(kt.items(), key=lambda x: -x[1][0])[:top]: emit(f"  {ms:9.3f} ms {n:4d}x  {name}")
-  return res
-
-def main(argv:list[str]|None=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
-  if bad := set(opts) - {"bench", "json", "only", "reps", "profile"} or [a for a in argv if not a.startswith("--")]:
-    print(f"kernels.py: unknown arguments {sorted(bad)}; usage: python kernels.py [--bench | --profile] [--only=a,b] [--reps=N] [--json=PATH]")
-    return 2
-  from tinygrad import Context
-  from train import device_defaults
-  if "profile" in opts:
-    print(f"device {Device.DEFAULT} | profile")
-    with Context(**device_defaults()): res = profile()
-    if "json" in opts:
-      with open(opts["json"], "w") as f: json.dump({"device": Device.DEFAULT, "mode": "profile", "kernels": res}, f, indent=1)
-      print(f"wrote {opts['json']}")
-    return 0
-  print(f"device {Device.DEFAULT} | {'bench' if 'bench' in opts else 'validate'} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
-  print(HEAD)
-  st, reps, targets = time.perf_counter(), int(opts.get("reps", 0)), []
-  # train.py's knobs: NOOPT=1 PARALLEL=0 on the CPU (plain kernels compile far sooner), JIT=2 on CUDA (no CUDA graphs)
-  with Context(**device_defaults()):
-    if "bench" in opts: rows, targets = bench(reps)
-    else: rows = validate(tuple(o for o in opts.get("only", "").split(",") if o), reps)
-  for t in targets:
-    print(f"target {t['target']:<52} " + ("n/a" if t["ratio"] is None else f"{t['ratio']:6.2f}x {'PASS' if t['pass'] else 'MISS'}")
-          + (f"  ({t['why']})" if t["why"] else ""))
-  bad = [r["name"] + " " + r["shape"] for r in rows if not r["ok"]]
-  print(f"{len(rows)} rows in {time.perf_counter() - st:.0f} s: " + (f"{len(bad)} over tolerance" if bad else "all within tolerance"))
-  if "json" in opts:
-    clean = lambda x: None if isinstance(x, float) and math.isnan(x) else x
-    res = {"device": Device.DEFAULT, "mode": "bench" if "bench" in opts else "validate", "rows": [{k: clean(v) for k, v in r.items()} for r in rows],
-           "targets": targets}
-    with open(opts["json"], "w") as f: json.dump(res, f, indent=1)
-    print(f"wrote {opts['json']}")
-  return 1 if bad else 0
-
-if __name__ == "__main__": sys.exit(main())

@@ -1,0 +1,479 @@
+"""
+tinymc's measurements: every timing, profile and comparison with a peer, kept apart from the library files (as nanoGPT keeps
+bench.py beside model.py). Each subcommand prints a table; --json=PATH writes its results.
+
+  python bench.py check                          # every fused kernel against its reference (exit 1 if a row is over tolerance)
+  python bench.py kernels                        # the kernels' speed targets, against fla's chunk_linear_attn where it imports
+  python bench.py profile                        # per-kernel device ms of one forward+backward (tinygrad's DEBUG=2 lines)
+  python bench.py layers --configs=none,grm      # one MC layer (Block.mix) forward+backward against the length
+  python bench.py package                        # the same layer against the memory-caching package
+  python bench.py model                          # model forward+backward, each core with grm and without caching
+
+Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its times mean little). layers, package and model
+also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
+are imported here only, inside try, and run in a process of their own, so that each framework keeps its own CUDA context; a
+missing peer prints one line and the rows without it. Every time is the median of synchronised runs after a warm-up (TinyJit
+captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU, JIT=2 on CUDA).
+"""
+import contextlib, dataclasses, functools, gc, inspect, io, json, math, re, statistics, sys, time, typing
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes
+from tinygrad.nn.state import get_parameters
+import mc, train
+from kernels import cache_read, chunk_scan, supported
+from mc import CORES, Block, MCConfig, Model
+
+@dataclass
+class BenchConfig:
+  reps: int = 0                            # timed repetitions per row; 0 = the subcommand's default (fewer on the CPU)
+  only: tuple[str, ...] = ()               # check: only the cases whose label contains one of these ("chunk_scan la indep", "cache_read ssc")
+  configs: tuple[str, ...] = ()            # layers, package, model: only these rows (names below in --help)
+  lengths: tuple[int, ...] = ()            # layers: these lengths instead of the default ones
+  json: str = ""                           # write the results to this file as JSON
+
+# **** measuring ****
+
+# relative RMS error allowed; a half row's reference gets the same rounded inputs in float32, so what is left is its rounding
+TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+def time_ms(fn, *xs, reps:int, warm:int=2, sync=None) -> float:
+  # median ms of fn(*xs), synchronized (default: tinygrad's device; a PyTorch peer passes its own), after warm-up calls
+  # (a TinyJit captures on its second)
+  sync = sync or Device[Device.DEFAULT].synchronize
+  for _ in range(warm): fn(*xs)
+  sync()
+  ts = []
+  for _ in range(reps):
+    st = time.perf_counter()
+    fn(*xs)
+    sync()
+    ts.append(time.perf_counter() - st)
+  return statistics.median(ts) * 1e3
+
+def isolated(fn, *args):
+  # fn(*args) in a fresh process: PyTorch there and tinygrad here each keep their own CUDA context and memory
+  import concurrent.futures, multiprocessing
+  try:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex: return ex.submit(fn, *args).result()
+  except Exception as e: return f"{fn.__name__} failed in its process ({type(e).__name__}: {e})"
+
+def why(e:Exception) -> str: return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+def _numpy(xs:list[Tensor]) -> list[np.ndarray]:
+  Tensor.realize(*xs)   # one schedule
+  return [x.float().numpy() for x in xs]
+
+def _errors(ref:list[np.ndarray], got:list[np.ndarray]) -> tuple[float, float]:
+  # (max abs error, worst relative RMS error) over the paired arrays; a NaN anywhere makes both NaN (and fails)
+  pairs = [(a, b) for a, b in zip(ref, got) if a.size]
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+  return float(np.max([np.abs(a - b).max() for a, b in pairs])), float(np.max([rms(a - b) / (rms(a) + 1e-30) for a, b in pairs]))
+
+def kernel_times(fn) -> dict[str, tuple[float, int]]:
+  """Where the time goes: {kernel name: (device ms, launches)} of one fn() (which returns the Tensors to realize). Two calls
+  compile and warm up; the third runs with DEBUG=2, where tinygrad synchronizes after each kernel and prints its time."""
+  with Context(JIT=0):   # no TinyJit graph: every kernel gets its own line
+    for _ in range(2): Tensor.realize(*fn())
+    Device[Device.DEFAULT].synchronize()
+    with contextlib.redirect_stdout(buf := io.StringIO()), Context(DEBUG=2):
+      Tensor.realize(*fn())
+      Device[Device.DEFAULT].synchronize()
+  res: dict[str, tuple[float, int]] = {}
+  for line in buf.getvalue().splitlines():
+    if m := re.match(r"\*\*\* \S+\s+\d+ (.*?) arg .* tm\s+([\d.]+)(us|ms|s)\s*/", re.sub(r"\x1b\[[0-9;]*m", "", line)):
+      ms, n = res.get(name := " ".join(m.group(1).split()), (0.0, 0))
+      res[name] = (ms + float(m.group(2)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(3)], n + 1)
+  return res
+
+def table(header:list[str], rows:list[list]) -> str:
+  cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+  w = [max(len(h), *(len(cell(r[i])) for r in rows)) for i, h in enumerate(header)]
+  return "\n".join("  ".join(cell(v).rjust(n) for v, n in zip(r, w)) for r in [header, *rows])
+
+# **** the kernels: check, kernels, profile ****
+# check: every kernel against its reference on fresh random inputs, forward and forward+backward (every output, every input),
+# both timed; a row whose relative RMS error passes its dtype's tolerance fails. kernels: the speed targets against fla.
+# Shapes: small on the CPU (a minute or two), BIG elsewhere.
+
+SHAPE = {"CPU": dict(B=1, H=2, L=200, D=16, chunk=16, segment=32)}   # L on no chunk or segment boundary
+BIG = dict(B=4, H=16, L=8192, D=64, chunk=64, segment=256)           # the GPU's: a long batch of the kernels' own sizes
+# chunk_scan (core, independent, dtype), each with a random M0 and the cache states S as an output; cache_read (agg, q dtype,
+# segmentation, topk); topk 64 is at least every entry (ssc reads as grm)
+SCAN_CASES = (("la", False, "float32"), ("la", True, "float32"), ("swla", False, "float32"), ("swla", True, "float32"),
+              ("la", False, "bfloat16"))
+READ_CASES = (("residual", "float32", "const", 2), ("mean", "float32", "const", 2), ("grm", "float32", "const", 2),
+              ("grm", "float32", "log", 2), ("ssc", "float32", "const", 1), ("ssc", "float32", "const", 2), ("ssc", "float32", "log", 2),
+              ("ssc", "float32", "const", 64), ("grm", "bfloat16", "const", 2))
+
+def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segment:int=256, dtype=dtypes.float,
+                     cores:tuple=("la", "swla"), reps:int=20, independent:bool=False, m0:bool=False, cache:bool=False) -> list[tuple]:
+  """Validate chunk_scan against mc.linear_scan on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
+  forward, and forward+backward. Rows (name, shape, max abs err, rel err, reference ms, kernel ms); the errors are the worst
+  relative RMS over the forward outputs (o, and S with cache) and, for fwd+bwd, also over the gradients of q, k, v, the gates
+  and M0. m0: start from a random M0 (H,D,D); cache: S is an output too, with its own random gradient. A half dtype's
+  reference is fed the same rounded inputs in float32."""
+  rows = []
+  for core in cores:
+    Tensor.manual_seed(0)
+    ins = [Tensor.randn(B, H, L, D).cast(dtype).realize() for _ in range(3)] + [Tensor.randn(B, H, L).realize() for _ in range(3 * (core == "swla"))]
+    ins += [(Tensor.randn(H, D, D) * D ** -0.5).realize()] * m0
+    go, gS = Tensor.randn(B, H, L, D).cast(dtype).realize(), Tensor.randn(B, H, L // segment, D, D).realize()
+    def fwd(f, q, k, v, *g):
+      M0, g = (g[-1], g[:-1]) if m0 else (None, g)
+      gates = (g[0].sigmoid().log(), g[1].sigmoid(), g[2].sigmoid()) if g else (None, None, None)
+      o, S = f(q, k, v, *gates, M0, chunk, segment, independent)
+      return [o, S] if cache else [o]
+    def step(f, *xs):
+      outs = fwd(f, *xs)
+      gz = go.cast(outs[0].dtype)
+      loss = (outs[0] * gz).sum() + (outs[1] * gS).sum() if cache else None
+      return [*outs, *(loss.gradient(*xs) if cache else outs[0].gradient(*xs, gradient=gz))]
+    err, rel = {}, {}
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      # one schedule per side (the timed JITs below reuse its compiled kernels)
+      res = [_numpy(fn(f, *xs)) for f, xs in ((mc.linear_scan, [x.float() for x in ins]), (chunk_scan, ins))]
+      err[name], rel[name] = _errors(*res)
+    shape = f"B={B} H={H} L={L} D={D} chunk={chunk} segment={segment} {repr(dtype).removeprefix('dtypes.')}" + " M0" * m0 + " +S" * cache
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (mc.linear_scan, chunk_scan)]
+      rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
+  return rows
+
+def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
+                     reps:int=10) -> list[tuple]:
+  """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
+  forward, and forward+backward to q, o, M and (grm, ssc) z, z_on. Rows (name, shape, max abs err, rel err, reference ms,
+  kernel ms); the errors are the worst relative RMS over y (fwd) and also the gradients (fwd+bwd). Above ref_max_L the reference
+  (whose backward builds (B,H,L,N*D)) is not run: nan. cases (agg, L, q dtype[, segmentation[, topk]]) default to BIG's sizes
+  (grm at 8192, ssc and grm at 32768 with 128 segments), or small ones on the CPU. A half q's reference gets it in float32."""
+  if cases is None and Device.DEFAULT == "CPU": B, H, D, segment, cases = 1, 2, 16, 16, (("grm", 256, "float32"), ("ssc", 256, "float32"))
+  if cases is None: cases = (("grm", 8192, "float32"), ("grm", 8192, "bfloat16"), ("ssc", 8192, "float32"), ("ssc", 32768, "float32"),
+                             ("grm", 32768, "float32"))
+  cases = [c for c in cases if supported(c[2])]
+  rows = []
+  for agg, L, dt, *more in cases:
+    seg, k = (*more, "const", topk)[:2] if len(more) < 2 else more
+    Tensor.manual_seed(0)
+    blocks, reads = mc.cache_plan(-(-L // segment), seg)
+    N = len(blocks)
+    ins = [Tensor.randn(B, H, L, D).cast(dt), Tensor.randn(B, H, L, D), Tensor.randn(B, H, N, D, D) * D ** -0.5, Tensor.randn(B, H, L, N),
+           Tensor.randn(B, H, L)]
+    ins, gy = [x.contiguous().realize() for x in ins], Tensor.randn(B, H, L, D).realize()
+    # residual and mean do not read the logits: no gradient reaches z, z_on
+    nwrt = 5 if agg in ("grm", "ssc") else 3
+    def fwd(f, q, o, M, z, z_on): return [f(q, o, M, z, z_on, reads, segment, agg, k)]
+    def step(f, *xs): return [(y := fwd(f, *xs)[0]), *y.gradient(*xs[:nwrt], gradient=gy)]
+    fs = (mc.cache_read_ref, cache_read) if L <= ref_max_L else (cache_read,)
+    err, rel = {"fwd": math.nan, "fwd+bwd": math.nan}, {"fwd": math.nan, "fwd+bwd": math.nan}
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)) if len(fs) == 2 else ():
+      res = [_numpy(fn(f, *xs)) for f, xs in zip(fs, ([ins[0].float(), *ins[1:]], ins))]
+      err[name], rel[name] = _errors(*res)
+    shape = f"B={B} H={H} L={L} D={D} N={N} C={segment} {seg} q {dt}" + (f" top{k}" if agg == "ssc" else "")
+    for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+      t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps) for f in fs]
+      rows.append((f"cache_read {agg} {name}", shape, err[name], rel[name], *([math.nan] * (2 - len(t))), *t))
+  return rows
+
+def _fla_ms(B:int, H:int, L:int, D:int, dts:tuple, reps:int) -> dict|str:
+  # fla's chunk_linear_attn on (B, L, H, D) tensors, M = sum v k^T read by q unscaled: {dtype: {"fwd": ms, "fwd+bwd": ms}},
+  # or why not. One process for every dtype: importing PyTorch and fla takes a while
+  try:
+    import torch
+    from fla.ops.linear_attn import chunk_linear_attn
+    if not torch.cuda.is_available(): return "fla: no CUDA device for torch"
+    res = {}
+    for dt in dts:
+      q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=getattr(torch, dt), requires_grad=True) for _ in range(3))
+      go = torch.randn_like(q)
+      fwd = lambda: chunk_linear_attn(q, k, v, scale=1.0, normalize=False)[0]
+      def nograd():
+        with torch.no_grad(): fwd()
+      sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
+      res[dt] = {"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), go), **sync)}
+    return res
+  except Exception as e: return f"fla unavailable ({why(e)})"
+
+def _record(r:tuple, dt:str, **peer) -> dict:
+  # a bench_* tuple as a dict; a row without a reference (nan ms) is timed, not checked
+  name, shape, err, rel, ref, ker = r
+  ok = math.isnan(ref) or rel <= TOL[dt]
+  return {"name": name, "shape": shape, "dtype": dt, "max_abs": err, "rel": rel, "tol": TOL[dt], "ref_ms": ref, "kernel_ms": ker,
+          "speedup": ref / ker, "ok": ok, **peer}
+
+HEAD = f"{'name':<30} {'shape':<66} {'max abs':>9} {'rel err':>9} {'ref ms':>9} {'kernel ms':>9} {'speed-up':>8}"
+def _line(r:dict) -> str:
+  s = f"{r['name']:<30} {r['shape']:<66} {r['max_abs']:9.2e} {r['rel']:9.2e} {r['ref_ms']:9.3f} {r['kernel_ms']:9.3f} {r['speedup']:7.2f}x"
+  if r.get("peer"): s += f"  {r['peer']}: " + (f"{r['peer_ms']:.3f} ms, {r['ratio']:.2f}x" if r.get("peer_ms") is not None else "n/a")
+  return s + ("" if r["ok"] else f"  FAIL (rel err > {r['tol']:g})")
+
+def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
+  """Every kernel against its reference (the cases above, at SHAPE for this device or BIG); only: run the cases whose label
+  ("chunk_scan la indep float32", "cache_read ssc const float32 top2") contains one of these strings."""
+  sh = SHAPE.get(Device.DEFAULT, BIG)
+  reps, rows = reps or (3 if Device.DEFAULT == "CPU" else 20), []
+  def add(new:list, dt:str):
+    for r in new: rows.append(_record(r, dt)); emit(_line(rows[-1]))
+  if not all(supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
+  for core, indep, dt in SCAN_CASES:
+    if supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
+      add(bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=(core,), reps=reps, independent=indep, m0=True, cache=True), dt)
+  for agg, dt, seg, k in READ_CASES:
+    if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
+      add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
+  return rows
+
+def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
+  """The kernels' speed targets on this device: rows (as validate's, with the peer, its ms and kernel/peer) and the targets."""
+  cpu = Device.DEFAULT == "CPU"
+  sh, long_L = (dict(B=1, H=2, L=256, D=16, chunk=16, segment=32), 1024) if cpu else (BIG, 32768)
+  reps, rows, targets = reps or (3 if cpu else 20), [], []
+  def add(r:tuple, dt:str, peer:str, peer_ms:float|None):
+    rows.append(_record(r, dt, peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else r[5] / peer_ms))
+    emit(_line(rows[-1]))
+    return rows[-1]
+  def target(what:str, r:dict, limit:float, why:str=""):
+    ok = None if r["ratio"] is None else r["ratio"] <= limit
+    targets.append({"target": f"{what} <= {limit:g}x {r['peer']}", "ratio": r["ratio"], "pass": ok, "why": why})
+  # chunk_scan la against fla, float32 and bfloat16 inputs
+  scan, dts = {}, tuple(dt for dt in ("float32", "bfloat16") if supported(dt))
+  fla_all = isolated(_fla_ms, sh["B"], sh["H"], sh["L"], sh["D"], dts, reps)
+  if isinstance(fla_all, str): emit(f"  {fla_all}: chunk_scan timed alone")
+  for dt in dts:
+    ours = bench_chunk_scan(**sh, dtype=getattr(dtypes, dt), cores=("la",), reps=reps)
+    fla = fla_all if isinstance(fla_all, str) else fla_all[dt]
+    for r, limit in zip(ours, (1.5, 2.0)):
+      row = add(r, dt, "fla", None if isinstance(fla, str) else fla[r[0].split()[-1]])
+      target(f"{r[0]} {dt}", row, limit, fla if isinstance(fla, str) else "")
+      scan[r[0].split()[-1], dt] = r
+  # cache_read grm at the same shape against chunk_scan; ssc top-2 against grm at a long length (ref not run there)
+  for r in bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], (("grm", sh["L"], "float32", "const", 2),), reps=reps):
+    row = add(r, "float32", "chunk_scan la", scan["fwd+bwd" if "bwd" in r[0] else "fwd", "float32"][5])
+    if "bwd" in r[0]: target(r[0], row, 1.0)
+  ssc, grm = (bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, long_L, "float32", "const", 2),), reps=reps)
+              for agg in ("ssc", "grm"))
+  for r, g in zip(ssc, grm):
+    add(g, "float32", "", None)
+    row = add(r, "float32", f"grm L={long_L}", g[5])
+    if "bwd" in r[0]: target(r[0] + " top2", row, 0.25)
+  return rows, targets
+
+def _kernel_rows(what:str, run) -> dict:
+  # the table of check and kernels: a header, the rows as they come, the targets, a summary; ok is False if a row failed
+  print(f"device {Device.DEFAULT} | {what} | float32 tol {TOL['float32']:g}, bfloat16 tol {TOL['bfloat16']:g}")
+  print(HEAD)
+  st = time.perf_counter()
+  rows, targets = run()
+  for t in targets:
+    print(f"target {t['target']:<52} " + ("n/a" if t["ratio"] is None else f"{t['ratio']:6.2f}x {'PASS' if t['pass'] else 'MISS'}")
+          + (f"  ({t['why']})" if t["why"] else ""))
+  bad = [r["name"] + " " + r["shape"] for r in rows if not r["ok"]]
+  print(f"{len(rows)} rows in {time.perf_counter() - st:.0f} s: " + (f"{len(bad)} over tolerance" if bad else "all within tolerance"))
+  return {"rows": rows, "targets": targets, "ok": not bad}
+
+def check(bc:BenchConfig, overrides:dict) -> dict:
+  """every fused kernel against its reference, forward and forward+backward, both timed; exit 1 if a row is over tolerance"""
+  return _kernel_rows("check", lambda: (validate(bc.only, bc.reps), []))
+
+def kernels(bc:BenchConfig, overrides:dict) -> dict:
+  """the kernels' speed targets: chunk_scan against fla's chunk_linear_attn, cache_read grm against chunk_scan, ssc against grm"""
+  return _kernel_rows("kernels", lambda: bench(bc.reps))
+
+def profile(bc:BenchConfig, overrides:dict, top:int=12) -> dict:
+  """per-kernel device ms (DEBUG=2) of one forward+backward of chunk_scan la, cache_read grm and an MC layer (Block.mix swla+grm)"""
+  # the kernels at check's shape (float32); the layer without MLP at d=1024, 16 heads, B=4, L=2048 as package's; small on the CPU
+  print(f"device {Device.DEFAULT} | profile")
+  cpu = Device.DEFAULT == "CPU"
+  sh = SHAPE["CPU"] if cpu else BIG
+  B, H, L, D, C = (sh[x] for x in ("B", "H", "L", "D", "segment"))
+  Tensor.manual_seed(0)
+  q, k, v, gy = (Tensor.randn(B, H, L, D).realize() for _ in range(4))
+  blocks, reads = mc.cache_plan(-(-L // C), "const")
+  N = len(blocks)
+  M, z, z_on = (Tensor.randn(B, H, N, D, D) * D ** -0.5).realize(), Tensor.randn(B, H, L, N).realize(), Tensor.randn(B, H, L).realize()
+  def scan():
+    o = chunk_scan(q, k, v, None, None, None, None, sh["chunk"], C, False)[0]
+    return [o, *o.gradient(q, k, v, gradient=gy)]
+  def read():
+    y = cache_read(q, v, M, z, z_on, reads, C, "grm", 2)
+    return [y, *y.gradient(q, v, M, z, z_on, gradient=gy)]
+  Bl, Ll, cfg = (1, 256, dict(dim=64, n_heads=4, segment=64, chunk=16)) if cpu else (4, 2048, dict(dim=1024, n_heads=16, segment=256, chunk=64))
+  blk = Block(MCConfig(**cfg, core="swla", agg="grm"))
+  params = blk.mix_params()
+  x, gx = Tensor.randn(Bl, Ll, cfg["dim"]).realize(), Tensor.randn(Bl, Ll, cfg["dim"]).realize()
+  Tensor.realize(*params)
+  def layer():
+    y = blk.mix(x)
+    return [y, *(y * gx).sum().gradient(x, *params)]
+  shape = f"B={B} H={H} L={L} D={D} chunk={sh['chunk']} segment={C}"
+  res = {}
+  for what, fn in ((f"chunk_scan la fwd+bwd {shape}", scan), (f"cache_read grm fwd+bwd {shape} N={N}", read),
+                   (f"Block.mix swla+grm fwd+bwd B={Bl} L={Ll} dim={cfg['dim']} heads={cfg['n_heads']}", layer)):
+    res[what] = kt = kernel_times(fn)
+    print(f"profile {what}: {sum(n for _, n in kt.values())} kernels, {sum(ms for ms, _ in kt.values()):.2f} ms summed "
+          "(DEBUG=2: each kernel synchronized)")
+    for name, (ms, n) in sorted(kt.items(), key=lambda x: -x[1][0])[:top]: print(f"  {ms:9.3f} ms {n:4d}x  {name}")
+  return {"kernels": res}
+
+# **** layers, package, model: forward+backward ms of fresh layers and models ****
+
+# per subcommand: batch, lengths and the MCConfig fields under the overrides; a row's own fields (LAYERS, MODELS) go over both
+SPEED = {"layers": (1, (1024, 2048, 4096, 8192, 16384, 32768), dict(dim=1024, n_heads=16, segment=256, chunk=64, core="swla")),
+         "package": (4, (2048,), dict(dim=1024, n_heads=16, segment=256, chunk=64, agg="grm")),
+         "model": (4, (2048,), dict(dim=256, n_heads=4, n_layers=4, segment=256, chunk=64))}
+# the CPU's: a smoke test (5-8 min on 2 cores for all three, nearly all of it compiling); its times mean little
+SPEED_CPU = {"layers": (1, (256, 512), dict(dim=64, n_heads=4, segment=64, chunk=16, core="swla")),
+             "package": (1, (256,), dict(dim=64, n_heads=4, segment=64, chunk=16, agg="grm")),
+             "model": (1, (256,), dict(dim=32, n_heads=2, n_layers=2, segment=64, chunk=16))}
+LAYERS = {"none": dict(agg="none"), "grm": dict(agg="grm"), "grm-log": dict(agg="grm", segmentation="log"), "ssc": dict(agg="ssc"),
+          "ssc-log": dict(agg="ssc", segmentation="log"), "attn": dict(mixer="attn", agg="none")}
+MODELS = {**{f"{c}-{a}": dict(core=c, agg=a) for c in CORES for a in ("grm", "none")}, "attn": dict(mixer="attn", agg="none")}
+PACKAGE = {"swla": dict(core="swla"), "la": dict(core="la")}   # the tinymc cores timed against the package's linear memory
+ATTN_MAX_BYTES = 16 << 30   # attn is skipped where its float32 (B,H,L,L) scores would pass this (layers, B=1, H=16: L > 16K)
+
+def step_ms(loss, params:list[Tensor], ins:list[Tensor], reps:int) -> float:
+  # median ms of one TinyJit step, loss(*ins) and its gradient to every parameter, synchronized, after warm-up
+  @TinyJit
+  def step(*xs:Tensor) -> list[Tensor]:
+    grads = loss(*xs).gradient(*params)
+    Tensor.realize(*grads)
+    return grads
+  Tensor.realize(*params, *ins)
+  return time_ms(step, *ins, reps=reps)
+
+def layer_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float:
+  # one MC layer: a Block's token mixer with its residual, no MLP (what the memory-caching package's layer is)
+  blk = Block(cfg)
+  params = blk.mix_params()
+  x, gy = Tensor.randn(B, L, cfg.dim).cast(cfg.dtype), Tensor.randn(B, L, cfg.dim).cast(cfg.dtype)
+  return step_ms(lambda x, gy: (blk.mix(x) * gy).float().sum(), [x, *params], [x, gy], reps)
+
+def model_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float:
+  model = Model(cfg)
+  x, y = Tensor.randint(B, L, high=cfg.vocab), Tensor.randint(B, L, high=cfg.vocab)
+  return step_ms(lambda x, y: model(x).sparse_categorical_crossentropy(y), get_parameters(model), [x, y], reps)
+
+def package_ms(cfg:MCConfig, B:int, L:int, reps:int) -> float|str:
+  # the memory-caching 0.1.0 layer (linear memory, grm: a token-by-token loop) forward+backward; or why it did not run
+  try:
+    import torch
+    from memory_caching import MemoryCachingLayer, MCConfig as PMC, LinearMemoryBackend
+    dev, dt = "cuda" if torch.cuda.is_available() else "cpu", getattr(torch, cfg.dtype)
+    pcfg = PMC(d_model=cfg.dim, num_heads=cfg.n_heads, backend="linear", aggregation="grm", segment_size=cfg.segment)
+    layer = MemoryCachingLayer(config=pcfg, backend=LinearMemoryBackend()).to(dev, dt)
+    x = torch.randn(B, L, cfg.dim, device=dev, dtype=dt, requires_grad=True)
+    gy, wrt = torch.randn_like(x), [x, *layer.parameters()]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    return time_ms(lambda: torch.autograd.grad(layer(x), wrt, gy), reps=reps, warm=1, sync=sync)
+  except Exception as e: return f"memory-caching unavailable ({why(e)})"
+
+def cell(what:str, fn) -> dict:
+  # one measurement; out of memory or a failed compile leaves it empty ("-") and the run goes on
+  try: ms, err = fn(), None
+  except Exception as e: ms, err = None, why(e)
+  finally: gc.collect()
+  print(f"{what}: " + (f"{ms:.2f} ms" if err is None else f"failed, {err}"), flush=True)
+  return {"ms": ms, "error": err}
+
+def fmt(ms:float|None) -> str: return "-" if ms is None else f"{ms:.2f}"
+
+def _speed(what:str, bc:BenchConfig, overrides:dict):
+  # the batch, lengths, config maker (a row's fields over the overrides over the sizes), reps and row picker of one subcommand
+  B, Ls, base = (SPEED_CPU if Device.DEFAULT == "CPU" else SPEED)[what]
+  names = {"layers": LAYERS, "package": PACKAGE, "model": MODELS}[what]
+  if bad := set(bc.configs) - set(names): raise ValueError(f"--configs: unknown {sorted(bad)}, allowed values for {what} are {tuple(names)}")
+  mk = lambda row: MCConfig(**{**base, **overrides, **row})
+  reps, pick = bc.reps or (3 if Device.DEFAULT == "CPU" else 10), lambda names: [n for n in names if not bc.configs or n in bc.configs]
+  train.check_dtype(mk({}).dtype)
+  print(f"{what} | device {Device.DEFAULT} | dtype {mk({}).dtype} | reps {reps} | overrides {overrides or 'none'}")
+  return B, Ls, mk, reps, pick
+
+def layers(bc:BenchConfig, overrides:dict) -> dict:
+  """one MC layer (Block.mix: projections, conv, gates, memory, output gate and projection, residual) forward+backward vs length"""
+  B, Ls, mk, reps, pick = _speed("layers", bc, overrides)
+  c, Ls = mk({}), bc.lengths or Ls
+  print(f"layers: one MC layer forward+backward, B={B} dim={c.dim} heads={c.n_heads} core={c.core} segment={c.segment} chunk={c.chunk}")
+  def one(n:str, L:int) -> dict:
+    # tinygrad's attention builds the whole (B,H,L,L) score matrix: past ATTN_MAX_BYTES of it in float32 it is not tried
+    if n == "attn" and (nbytes := B * c.n_heads * L * L * 4) > ATTN_MAX_BYTES:
+      print(f"layers attn L={L}: skipped, its score matrix alone is {nbytes / 2**30:.0f} GiB", flush=True)
+      return {"ms": None, "error": "skipped: score matrix too large"}
+    return cell(f"layers {n} L={L}", lambda: layer_ms(mk(LAYERS[n]), B, L, reps))
+  rows = [{"config": n, "L": L, **one(n, L)} for n in pick(LAYERS) for L in Ls]
+  ms = {(r["config"], r["L"]): r["ms"] for r in rows}
+  print(table(["ms", *[f"L={L}" for L in Ls]], [[n, *[fmt(ms[n, L]) for L in Ls]] for n in pick(LAYERS)]))
+  return {"B": B, "config": dataclasses.asdict(c), "rows": rows}
+
+def package(bc:BenchConfig, overrides:dict) -> dict:
+  """the same MC layer with grm against the memory-caching 0.1.0 package's (linear memory), forward+backward"""
+  B, (L,), mk, reps, pick = _speed("package", bc, overrides)
+  rows = [{"core": k, **cell(f"package tinymc {k}+grm B={B} L={L}", lambda: layer_ms(mk(PACKAGE[k]), B, L, reps))} for k in pick(PACKAGE)]
+  # in its own process (its own CUDA context), 1 warm-up and 2 timed runs: it takes seconds
+  c, pkg = mk({}), isolated(package_ms, mk({}), B, L, min(reps, 2))
+  print(f"package: an MC layer (grm, segment {c.segment}) forward+backward, B={B} L={L} dim={c.dim} heads={c.n_heads}, {c.dtype}; "
+        + (f"{pkg}: tinymc timed alone" if isinstance(pkg, str) else f"memory-caching 0.1.0 (linear memory) {pkg:.1f} ms"))
+  for r in rows: r["speedup"] = None if isinstance(pkg, str) or r["ms"] is None else pkg / r["ms"]
+  up = lambda r: ("-", "-") if r["speedup"] is None else (f"{r['speedup']:.0f}x", "PASS" if r["speedup"] >= 200 else "MISS")
+  print(table(["layer", "ms", "speed-up", "target >= 200x"], [[f"tinymc Block.mix {r['core']}+grm", fmt(r["ms"]), *up(r)] for r in rows]))
+  return {"B": B, "L": L, "config": dataclasses.asdict(c), "package_ms": None if isinstance(pkg, str) else pkg,
+          "package_error": pkg if isinstance(pkg, str) else None, "rows": rows}
+
+def model(bc:BenchConfig, overrides:dict) -> dict:
+  """model forward+backward (no optimizer), each core with grm and without caching, and the attention baseline"""
+  B, (L,), mk, reps, pick = _speed("model", bc, overrides)
+  c = mk({})
+  print(f"model: forward+backward, B={B} L={L} dim={c.dim} heads={c.n_heads} layers={c.n_layers} segment={c.segment} chunk={c.chunk}")
+  ms = {n: cell(f"model {n} B={B} L={L}", lambda: model_ms(mk(MODELS[n]), B, L, reps))["ms"] for n in pick(MODELS)}
+  ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"
+  cores = [[k, fmt(g := ms.get(f"{k}-grm")), fmt(n := ms.get(f"{k}-none")), ratio(g, n)] for k in CORES if {f"{k}-grm", f"{k}-none"} & set(ms)]
+  print(table(["core", "grm ms", "none ms", "grm/none"], cores + ([["attn", "-", fmt(ms["attn"]), "-"]] if "attn" in ms else [])))
+  return {"B": B, "L": L, "config": dataclasses.asdict(c), "rows": [{"config": n, "ms": v} for n, v in ms.items()]}
+
+# **** command line ****
+
+# subcommand: (function, its options beside --json, whether it takes MCConfig overrides). A new one (decode) is a function and a line
+COMMANDS: dict[str, tuple[typing.Callable[[BenchConfig, dict], dict], tuple[str, ...], bool]] = {
+  "check": (check, ("only", "reps"), False), "kernels": (kernels, ("reps",), False), "profile": (profile, (), False),
+  "layers": (layers, ("reps", "configs", "lengths"), True), "package": (package, ("reps", "configs"), True),
+  "model": (model, ("reps", "configs"), True)}
+
+def _clean(x):
+  # NaN (a row without a reference) as JSON null
+  if isinstance(x, float) and math.isnan(x): return None
+  if isinstance(x, dict): return {k: _clean(v) for k, v in x.items()}
+  return [_clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+def run(cmd:str, argv:list[str]) -> dict:
+  """One subcommand with --key=value arguments (its BenchConfig fields and, where it takes them, MCConfig fields); its results."""
+  if cmd not in COMMANDS: raise ValueError(f"unknown subcommand {cmd!r}: allowed values are {tuple(COMMANDS)}")
+  fn, opts, takes_mc = COMMANDS[cmd]
+  bh = train._hints(BenchConfig)
+  kv = train.parse_kv(argv, {**{k: bh[k] for k in (*opts, "json")}, **(train._hints(MCConfig) if takes_mc else {})})
+  bc, overrides = BenchConfig(**{k: v for k, v in kv.items() if k in bh}), {k: v for k, v in kv.items() if k not in bh}
+  with Context(**train.device_defaults()):
+    res = {"command": cmd, "device": Device.DEFAULT, "bench": dataclasses.asdict(bc), "overrides": overrides, **fn(bc, overrides)}
+  if bc.json:
+    with open(bc.json, "w") as f: json.dump(_clean(res), f, indent=1)
+    print(f"wrote {bc.json}")
+  return res
+
+def usage() -> str:
+  cmds = [f"  {n:<8} {fn.__doc__}\n{'':11}options: {' '.join(f'--{o}' for o in (*opts, 'json'))}" + (", MCConfig fields" if mc else "")
+          for n, (fn, opts, mc) in COMMANDS.items()]
+  fields = ["  --" + line.strip() for line in inspect.getsource(BenchConfig).splitlines()[1:] if "#" in line]
+  rows = {"layers": LAYERS, "package": PACKAGE, "model": MODELS}
+  return "\n".join([__doc__.strip(), "", "subcommands:", *cmds, "", "options (--key=value; field: type = default  # meaning):", *fields,
+                    "", "rows (--configs=a,b):", *(f"  {n}: {', '.join(r)}" for n, r in rows.items())])
+
+def main(argv:list[str]|None=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help"):
+    print(usage())
+    return 0 if argv else 2
+  try: res = run(argv[0], argv[1:])
+  except ValueError as e:
+    print(f"bench.py: error: {e}", file=sys.stderr)
+    return 2
+  return 1 if res.get("ok") is False else 0
+
+if __name__ == "__main__": sys.exit(main())
