@@ -8,9 +8,10 @@ bench.py beside model.py). Each subcommand prints a table; --json=PATH writes it
   python bench.py layers --configs=none,grm      # one MC layer (Block.mix) forward+backward against the length
   python bench.py package                        # the same layer against the memory-caching package
   python bench.py model                          # model forward+backward, each core with grm and without caching
+  python bench.py train --shapes=default,long    # the whole jitted training step against a PyTorch Transformer of the same blocks
 
-Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its times mean little). layers, package and model
-also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
+Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its times mean little). layers, package, model and
+train also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
 are imported here only, inside try, and run in a process of their own, so that each framework keeps its own CUDA context; a
 missing peer prints one line and the rows without it. Every time is the median of synchronised runs after a warm-up (TinyJit
 captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU, JIT=2 on CUDA).
@@ -19,7 +20,7 @@ import contextlib, dataclasses, functools, gc, inspect, io, json, math, re, stat
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
-from tinygrad.nn.state import get_parameters
+from tinygrad.nn.state import get_parameters, get_state_dict
 import mc, train
 from kernels import cache_read, chunk_scan, supported
 from mc import CORES, Block, MCConfig, Model
@@ -28,8 +29,10 @@ from mc import CORES, Block, MCConfig, Model
 class BenchConfig:
   reps: int = 0                            # timed repetitions per row; 0 = the subcommand's default (fewer on the CPU)
   only: tuple[str, ...] = ()               # check: only the cases whose label contains one of these ("chunk_scan la indep", "cache_read ssc")
-  configs: tuple[str, ...] = ()            # layers, package, model: only these rows (names below in --help)
+  configs: tuple[str, ...] = ()            # layers, package, model, train: only these rows (names below in --help)
   lengths: tuple[int, ...] = ()            # layers: these lengths instead of the default ones
+  shapes: tuple[str, ...] = ("default",)   # train: shapes of TRAIN_SHAPES (default, gpu, long), each a group of rows
+  dtypes: tuple[str, ...] = ("float32", "bfloat16")   # train: activation dtypes (bfloat16 skipped where unsupported)
   json: str = ""                           # write the results to this file as JSON
 
 # **** measuring ****
@@ -429,13 +432,174 @@ def model(bc:BenchConfig, overrides:dict) -> dict:
   print(table(["core", "grm ms", "none ms", "grm/none"], cores + ([["attn", "-", fmt(ms["attn"]), "-"]] if "attn" in ms else [])))
   return {"B": B, "L": L, "config": dataclasses.asdict(c), "rows": [{"config": n, "ms": v} for n, v in ms.items()]}
 
+# **** train: the whole training step, tinymc against a PyTorch Transformer of the same blocks ****
+# Both sides run on random tokens: forward, cross-entropy, backward, global-norm clipping and AdamW with train.py's lr, betas and
+# weight decay (matrices only), the lr held fixed. tinymc: train.make_step, one TinyJit. PyTorch (_torch_lm): fused AdamW,
+# float32 with TF32 off, bfloat16 by autocast over float32 weights, eager and torch.compile, all its rows in one process.
+# A row's ratio is its tok/s over the PyTorch eager row's of the same shape and dtype.
+
+# width, blocks, heads, batch, length, and the segment and chunk of the tinymc rows
+TRAIN_SHAPES = {"default": dict(dim=256, n_layers=4, n_heads=4, B=16, L=512, segment=128, chunk=64),   # the default preset's
+                "gpu": dict(dim=512, n_layers=6, n_heads=8, B=16, L=1024, segment=256, chunk=64),      # the gpu preset's
+                "long": dict(dim=512, n_layers=4, n_heads=8, B=1, L=16384, segment=256, chunk=64)}     # where caching should pay off
+# the CPU's: a smoke test of the same rows (1-2 minutes a shape on 2 cores, nearly all of it compiling); its times mean little
+TRAIN_SHAPES_CPU = {"default": dict(dim=32, n_layers=2, n_heads=2, B=2, L=64, segment=32, chunk=16),
+                    "gpu": dict(dim=64, n_layers=2, n_heads=2, B=2, L=128, segment=32, chunk=16),
+                    "long": dict(dim=32, n_layers=2, n_heads=2, B=1, L=512, segment=64, chunk=16)}
+TORCH_ROWS = ("torch-eager", "torch-compile")
+TRAIN_ROWS = {"swla+grm": dict(core="swla", agg="grm"), "la+none": dict(core="la", agg="none"), "swla+none": dict(core="swla", agg="none"),
+              "attn": dict(mixer="attn", agg="none"), "swla+ssc": dict(core="swla", agg="ssc"),
+              "swla+grm-log": dict(core="swla", agg="grm", segmentation="log")}
+LONG_ROWS = ("swla+ssc", "swla+grm-log")   # among the default rows of the long shape only
+
+def _torch_lm(torch, dim:int, n_layers:int, n_heads:int, L:int, vocab:int=256, theta:float=10000.0):
+  # tinymc's blocks (mc.Block with mixer="attn", less its per-head RMSNorm, and mc.Model) as a PyTorch user would write them;
+  # forward(x, y) returns the mean cross-entropy
+  nn, F = torch.nn, torch.nn.functional
+  D, hidden = dim // n_heads, -(-int(8 / 3 * dim) // 32) * 32
+  ang = torch.outer(torch.arange(L, dtype=torch.float64), theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D))
+  def rope(x, cos, sin):
+    x1, x2, cos, sin = *x.chunk(2, -1), cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+      self.wqkv, self.wgate, self.wo = (nn.Linear(dim, n * dim, bias=False) for n in (3, 1, 1))
+      self.w1, self.w3, self.w2 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+    def forward(self, x, cos, sin):
+      h = self.norm1(x)
+      q, k, v = self.wqkv(h).view(*x.shape[:2], 3, n_heads, D).permute(2, 0, 3, 1, 4)   # (B,H,L,D) each
+      y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True)
+      x = x + self.wo(y.transpose(1, 2).reshape(x.shape) * F.silu(self.wgate(h)))
+      h = self.norm2(x)
+      return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+  class LM(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.emb, self.norm = nn.Embedding(vocab, dim), nn.RMSNorm(dim, eps=1e-6)
+      self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+      nn.init.normal_(self.emb.weight, std=0.02)
+      self.register_buffer("cos", ang.cos().float(), persistent=False)
+      self.register_buffer("sin", ang.sin().float(), persistent=False)
+    def forward(self, x, y):
+      h = self.emb(x)
+      for blk in self.blocks: h = blk(h, self.cos, self.sin)
+      return F.cross_entropy(F.linear(self.norm(h), self.emb.weight).flatten(0, 1).float(), y.flatten())   # head tied to the embedding
+  return LM()
+
+def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
+  # the PyTorch rows, in a process of their own: jobs (shape, sizes, dtype, row) -> {"rows": [{"ms", "first_s", "error"}], ...},
+  # or why PyTorch did not import. On a machine without CUDA it runs on the CPU (a smoke test)
+  try: import torch
+  except Exception as e: return f"PyTorch unavailable ({why(e)})"
+  cuda = torch.cuda.is_available()
+  dev, sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", lambda: None)
+  torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False   # float32 rows are float32
+  rows = []
+  for _, sh, dt, row in jobs:
+    try:
+      torch.manual_seed(0)
+      lm = _torch_lm(torch, sh["dim"], sh["n_layers"], sh["n_heads"], sh["L"]).to(dev)
+      params = list(lm.parameters())
+      groups = [{"params": [p for p in params if (p.ndim > 1) == d], "weight_decay": hp["weight_decay"] if d else 0.0} for d in (True, False)]
+      opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(hp["b1"], hp["b2"]), fused=True)
+      fwd = torch.compile(lm) if row == "torch-compile" else lm
+      x, y = (torch.randint(0, 256, (sh["B"], sh["L"]), device=dev) for _ in range(2))
+      def step():
+        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=dt == "bfloat16"): loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+      st = time.perf_counter()
+      step()
+      sync()
+      first = time.perf_counter() - st
+      rows.append({"ms": time_ms(step, reps=reps, warm=3, sync=sync), "first_s": first, "error": None})
+    except Exception as e: rows.append({"ms": None, "first_s": None, "error": why(e)})
+    finally:
+      lm = opt = fwd = None
+      if row == "torch-compile": torch._dynamo.reset()
+      gc.collect()
+      if cuda: torch.cuda.empty_cache()
+  return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int) -> tuple[float, float]:
+  # (median ms, first step s) of train.py's jitted step (train.make_step) on random tokens
+  Tensor.manual_seed(0)
+  lm, tc = Model(cfg), train.TrainConfig(model=cfg)
+  opt = train.make_optimizer(lm, tc)
+  step = train.make_step(lm, opt, tc.grad_clip)
+  # realized buffers before the first step, as in train.py: the first call compiles the graph the jit captures
+  Tensor.realize(*get_state_dict(lm).values(), *train.optim_state(opt).values())
+  rng = np.random.default_rng(0)
+  x, y = (Tensor(rng.integers(0, cfg.vocab, (B, L), dtype=np.int32)).realize() for _ in range(2))
+  st = time.perf_counter()
+  step(x, y)
+  Device[Device.DEFAULT].synchronize()
+  first = time.perf_counter() - st
+  return time_ms(step, x, y, reps=reps, warm=3), first
+
+def _tinymc_row(cfg:MCConfig, sh:dict, reps:int) -> dict:
+  # one tinymc row; out of memory or a failed compile leaves it empty and the run goes on
+  if cfg.mixer == "attn" and (nbytes := cfg.n_layers * sh["B"] * cfg.n_heads * sh["L"] ** 2 * 4) > ATTN_MAX_BYTES:
+    return {"ms": None, "first_s": None, "error": f"skipped: its float32 score matrices alone are {nbytes / 2**30:.0f} GiB"}
+  try:
+    ms, first = tinymc_train(cfg, sh["B"], sh["L"], reps)
+    return {"ms": ms, "first_s": first, "error": None}
+  except Exception as e: return {"ms": None, "first_s": None, "error": why(e)}
+  finally: gc.collect()
+
+def train_step(bc:BenchConfig, overrides:dict) -> dict:
+  """the whole jitted training step (forward, loss, backward, clipping, AdamW) of tinymc and of a PyTorch Transformer, tok/s"""
+  cpu = Device.DEFAULT == "CPU"
+  shapes, reps = TRAIN_SHAPES_CPU if cpu else TRAIN_SHAPES, bc.reps or (2 if cpu else 10)
+  for k, allowed in (("shapes", tuple(shapes)), ("dtypes", ("float32", "bfloat16")), ("configs", (*TORCH_ROWS, *TRAIN_ROWS))):
+    if bad := set(getattr(bc, k)) - set(allowed): raise ValueError(f"--{k}: unknown {sorted(bad)}, allowed values are {allowed}")
+  if bad := sorted(set(overrides) & {"vocab", "dim", "n_layers", "n_heads", "dtype"}):
+    raise ValueError(f"train: {', '.join('--' + k for k in bad)} come from --shapes and --dtypes")
+  print(f"train | device {Device.DEFAULT} | reps {reps} | shapes {','.join(bc.shapes)} | dtypes {','.join(bc.dtypes)} | "
+        f"overrides {overrides or 'none'}")
+  if cpu: print("train: on the CPU every shape is a tiny one (TRAIN_SHAPES_CPU), a smoke test whose times mean little")
+  groups = []
+  for s in bc.shapes:
+    for dt in bc.dtypes:
+      if not supported(dt): print(f"train {s} {dt}: skipped, {dt} is not supported on {Device.DEFAULT} here")
+      else: groups.append((s, dt, list(bc.configs) or [*TORCH_ROWS, *(n for n in TRAIN_ROWS if n not in LONG_ROWS or s == "long")]))
+  # PyTorch first, every row of the call in one process (importing it takes a while), gone before tinygrad's rows start
+  jobs, peer, info = [(s, shapes[s], dt, n) for s, dt, names in groups for n in names if n in TORCH_ROWS], {}, {}
+  if jobs:
+    print(f"train: {len(jobs)} PyTorch rows in a process of their own", flush=True)
+    tc = train.TrainConfig()
+    got = isolated(torch_train, jobs, reps, {k: getattr(tc, k) for k in ("lr", "b1", "b2", "weight_decay", "grad_clip")})
+    if isinstance(got, str): print(f"train: {got}: tinymc rows only")
+    else: peer, info = {(s, dt, n): r for (s, _, dt, n), r in zip(jobs, got["rows"])}, {k: got[k] for k in ("torch", "device")}
+  rows = []
+  for s, dt, names in groups:
+    sh, eager = shapes[s], (peer.get((s, dt, "torch-eager")) or {}).get("ms")
+    for n in names:
+      if n in TORCH_ROWS and (s, dt, n) not in peer: continue
+      fields = {**{k: sh[k] for k in ("dim", "n_layers", "n_heads", "segment", "chunk")}, **overrides, **TRAIN_ROWS.get(n, {}), "dtype": dt}
+      r = peer[s, dt, n] if n in TORCH_ROWS else _tinymc_row(MCConfig(**fields), sh, reps)
+      tok_s = None if r["ms"] is None else sh["B"] * sh["L"] / r["ms"] * 1e3
+      rows.append({"shape": s, "dtype": dt, "config": n, **r, "tok_s": tok_s, "ratio": None if eager is None or r["ms"] is None else eager / r["ms"]})
+      print(f"train {s} {dt} {n}: " + (f"failed, {r['error']}" if r["ms"] is None else f"{r['ms']:.2f} ms/step, {tok_s:,.0f} tok/s, "
+            f"vs eager {'-' if rows[-1]['ratio'] is None else format(rows[-1]['ratio'], '.3f') + 'x'}, first step {r['first_s']:.1f} s"), flush=True)
+  print("train: tok/s of the whole step; vs eager = tok/s / the PyTorch eager row's (same shape and dtype); first step = compile + run"
+        + (f"; PyTorch {info['torch']} on {info['device']}" if info else ""))
+  if rows: print(table(["shape", "dtype", "config", "ms/step", "tok/s", "vs eager", "first step s"],
+                       [[r["shape"], r["dtype"], r["config"], fmt(r["ms"]), "-" if r["tok_s"] is None else f"{r['tok_s']:,.0f}",
+                         "-" if r["ratio"] is None else f"{r['ratio']:.3f}", "-" if r["first_s"] is None else f"{r['first_s']:.1f}"] for r in rows]))
+  return {"shapes": {s: shapes[s] for s in bc.shapes}, "reps": reps, **info, "rows": rows}
+
 # **** command line ****
 
 # subcommand: (function, its options beside --json, whether it takes MCConfig overrides). A new one (decode) is a function and a line
 COMMANDS: dict[str, tuple[typing.Callable[[BenchConfig, dict], dict], tuple[str, ...], bool]] = {
   "check": (check, ("only", "reps"), False), "kernels": (kernels, ("reps",), False), "profile": (profile, (), False),
   "layers": (layers, ("reps", "configs", "lengths"), True), "package": (package, ("reps", "configs"), True),
-  "model": (model, ("reps", "configs"), True)}
+  "model": (model, ("reps", "configs"), True), "train": (train_step, ("reps", "configs", "shapes", "dtypes"), True)}
 
 def _clean(x):
   # NaN (a row without a reference) as JSON null
@@ -461,9 +625,11 @@ def usage() -> str:
   cmds = [f"  {n:<8} {fn.__doc__}\n{'':11}options: {' '.join(f'--{o}' for o in (*opts, 'json'))}" + (", MCConfig fields" if mc else "")
           for n, (fn, opts, mc) in COMMANDS.items()]
   fields = ["  --" + line.strip() for line in inspect.getsource(BenchConfig).splitlines()[1:] if "#" in line]
-  rows = {"layers": LAYERS, "package": PACKAGE, "model": MODELS}
+  rows = {"layers": LAYERS, "package": PACKAGE, "model": MODELS, "train": (*TORCH_ROWS, *TRAIN_ROWS)}
   return "\n".join([__doc__.strip(), "", "subcommands:", *cmds, "", "options (--key=value; field: type = default  # meaning):", *fields,
-                    "", "rows (--configs=a,b):", *(f"  {n}: {', '.join(r)}" for n, r in rows.items())])
+                    "", "rows (--configs=a,b):", *(f"  {n}: {', '.join(r)}" for n, r in rows.items()),
+                    "", "train shapes (--shapes=a,b; the CPU runs TRAIN_SHAPES_CPU's tiny ones):",
+                    *(f"  {k}: " + " ".join(f"{f}={v}" for f, v in sh.items()) for k, sh in TRAIN_SHAPES.items())])
 
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv

@@ -1,4 +1,4 @@
-"""bench.py stays runnable: check's table, JSON and exit status, the profile's parser, layers and model at the tiniest sizes
+"""bench.py stays runnable: check's table, JSON and exit status, the profile's parser, layers, model and train at the tiniest sizes
 on the CPU. Their real runs are on a GPU (python bench.py --help says how); here one case of each kind."""
 import json
 from tinygrad import Tensor
@@ -41,3 +41,14 @@ def test_model_rows(monkeypatch):
   monkeypatch.setitem(bench.SPEED_CPU, "model", (1, (32,), dict(dim=32, n_heads=2, n_layers=1, segment=16, chunk=8)))
   res = bench.run("model", ["--configs=la-none", "--reps=1"])
   assert [r["config"] for r in res["rows"]] == ["la-none"] and res["rows"][0]["ms"] > 0
+
+def test_train(tmp_path, monkeypatch, capsys):
+  # one tinymc row, no PyTorch row: tok/s, no ratio ("-"), the first step's time, the JSON; shapes and dtypes are checked
+  tiny = dict(dim=16, n_layers=1, n_heads=1, B=1, L=32, segment=16, chunk=8)
+  for shapes in (bench.TRAIN_SHAPES, bench.TRAIN_SHAPES_CPU): monkeypatch.setitem(shapes, "default", tiny)
+  out = tmp_path / "train.json"
+  assert bench.main(["train", "--configs=la+none", "--dtypes=float32", "--reps=1", f"--json={out}"]) == 0
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["config"] == "la+none" and row["tok_s"] > 0 and row["ratio"] is None and row["first_s"] > 0 and row["error"] is None
+  assert "vs eager -" in capsys.readouterr().out
+  assert bench.main(["train", "--shapes=huge"]) == 2 and bench.main(["train", "--dim=64"]) == 2
