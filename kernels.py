@@ -1,7 +1,8 @@
 """
 tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so one source runs on CUDA, Metal, OpenCL and CPU.
 
-Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref); cfg.kernels switches
+Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref, a plain x @ w for
+linear); cfg.kernels switches
 the model between the two. `python bench.py check` validates every kernel against its reference on fresh random inputs and
 prints a table; `python bench.py kernels` times them on the default device.
 
@@ -579,3 +580,46 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
   idx, zs = idx.custom_kernel(zs, *_c(z.transpose(-1, -2), rd), fxn=_select_fxn(L, C, topk), grad_fxn=bwd_select)[:2]
   w_on, w = _softmax(z_on, zs)
   return _read(q, o, M, w, w_on, idx, C, True)
+
+# **** linear ****
+# y = x W for the model's projections, and its gradients dx = dy W^T and dW = x^T dy. The forward and dx are plain products that
+# tinygrad's own schedule tiles well; dW reduces over every token of the batch (B*L of them), where one thread per output walking
+# all of them leaves most of the chip idle: it runs as S products over slices of the tokens (split-K), summed after.
+@functools.cache
+def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool):
+  # C[s, m, n] = sum over the s-th of S slices of k of A[m, k] B[k, n], accumulated in float32; A stored (K, M) when a_t, B stored
+  # (N, K) when b_t. Half inputs multiply in their dtype and accumulate in float32, the form tinygrad maps to tensor cores
+  def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
+    _, M, N = C.shape
+    Ks = (A.shape[0] if a_t else A.shape[1]) // S
+    s, m, n, k = UOp.range(S, 0), UOp.range(M, 1), UOp.range(N, 2), UOp.range(Ks, 3, AxisType.REDUCE)
+    a, b = (A[s * Ks + k, m] if a_t else A[m, s * Ks + k]), (B[n, s * Ks + k] if b_t else B[s * Ks + k, n])
+    prod = (a * b).cast(dtypes.float) if half else a.cast(dtypes.float) * b.cast(dtypes.float)
+    return C[s, m, n].store(prod.reduce(k, arg=Ops.ADD).cast(C.dtype)).end(s, m, n).sink(arg=KernelInfo(name=f"gemm{'_tn' * a_t}{'_nt' * b_t}"))
+  return fxn
+
+def _slices(K:int) -> int:
+  # split-K: slices of at least 512 along k, at most 16 of them
+  S = 1
+  while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512: S *= 2
+  return S
+
+def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, dtype=None) -> Tensor:
+  # (M, N) = A @ B with A (M, K) or, a_t, (K, M); B (K, N) or, b_t, (N, K)
+  (K, M), N = (A.shape if a_t else A.shape[::-1]), (B.shape[0] if b_t else B.shape[1])
+  S = _slices(K) if a_t else 1
+  C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else (dtype or A.dtype), device=A.device)
+  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, A.dtype in (dtypes.half, dtypes.bfloat16)))[0]
+  return C[0] if S == 1 else C.sum(0).cast(dtype or A.dtype)
+
+def linear(x:Tensor, w:Tensor) -> Tensor:
+  """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""
+  *lead, K = x.shape
+  x2, wc = x.reshape(-1, K).contiguous(), w.cast(x.dtype).contiguous()
+  def bwd(gy:UOp, call:UOp) -> tuple:
+    _, x2, wc = (Tensor(u) for u in call.src[1:])
+    gy = Tensor(gy)[0].contiguous()
+    return (None, _gemm(gy, wc, b_t=True).uop, _gemm(x2, gy, a_t=True).uop)
+  y = Tensor.empty(1, x2.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+  y = y.custom_kernel(x2, wc, fxn=_gemm_fxn(1, False, False, x.dtype in (dtypes.half, dtypes.bfloat16)), grad_fxn=bwd)[0]
+  return y[0].reshape(*lead, w.shape[1])
