@@ -181,7 +181,8 @@ def _mix_fxn(cfg:_Scan, key_side:bool, name:str):
   # query side (o, dq): out_t = sum_s sum_j A[s,t,j] beta_s,j x_{j-s} + exp(G_t) Mat^T y_t                  (Eq. 28, read out)
   # key side (dv, dk):  out[s]_t = sum_i A[s,i,t] x_i + exp(G_end - G_t) Mat^T y_{t-s}, one output per source (its adjoint)
   # Mat (D, D) is read as Mat[reduced, output] by the lanes: Mp^T for o, Mp for dq, H^T for dv, H for dk. Extra srcs after the
-  # gates ride along for the o kernel's grad_fxn.
+  # gates ride along for the o kernel's grad_fxn; the last of them holds a 0 that each thread multiplies one element of every
+  # other by, so that the kernel's signature names them all (a CUDA graph refuses a launch with unused trailing arguments).
   def fxn(out:UOp, A:UOp, x:UOp, Mat:UOp, y:UOp, *g:UOp) -> UOp:
     n, c = UOp.range(cfg.N, 0), UOp.range(cfg.Nc, 1)
     s = UOp.range(cfg.nsrc, 2) if key_side else UOp.const(0, dtypes.weakint)
@@ -191,7 +192,9 @@ def _mix_fxn(cfg:_Scan, key_side:bool, name:str):
     else: acc = sum(A[n, c, k, r, j] * _beta(g, k, n, c * cfg.T + j, cfg) * _row(x, n, c * cfg.T + j - k, e) for k in range(cfg.nsrc))
     st = (Mat[n, c, dd, e] * _row(y, n, t - s, dd)).reduce(*dred, arg=Ops.ADD)
     if cfg.gated: st = st * (_to_end(g[0], n, c, t, cfg.T) if key_side else g[0][n, t].exp())
-    val = (acc.reduce(*jred, arg=Ops.ADD) + st).cast(out.dtype)
+    val = acc.reduce(*jred, arg=Ops.ADD) + st
+    if len(g) > cfg.ngates: val = val + g[-1][0] * sum(x[(0,) * len(x.shape)].cast(dtypes.float) for x in g[cfg.ngates:-1])
+    val = val.cast(out.dtype)
     return _sink((out[n, s, t, e] if key_side else out[n, t, e]).store(val).end(n, c, *([s] if key_side else []), *thread), name)
   return fxn
 
@@ -221,7 +224,8 @@ def chunk_scan(q:Tensor, k:Tensor, v:Tensor, la:Tensor|None, b:Tensor|None, l:Te
   MpT = _run(_transpose_fxn(cfg, True), [empty(cfg.N, Nc, D, D)], [Mp])[0]
   kT = _run(_transpose_fxn(cfg, False), [Tensor.empty(cfg.N, D, Nc * T, dtype=k.dtype, device=dev)], [k])[0]
   A = _run(_scores_fxn(cfg), [empty(cfg.N, Nc, cfg.nsrc, T, T)], [q, kT, *g[:1]])[0]
-  outs = Tensor.custom_kernel(Tensor.empty(cfg.N, Nc * T, D, dtype=q.dtype, device=dev), A, v, MpT, q, *g, k, S, Mp, *m0,
+  zero = Tensor.zeros(1, device=dev).contiguous()
+  outs = Tensor.custom_kernel(Tensor.empty(cfg.N, Nc * T, D, dtype=q.dtype, device=dev), A, v, MpT, q, *g, k, S, Mp, *m0, zero,
                               fxn=_mix_fxn(cfg, False, "chunk_scan_o"), grad_fxn=functools.partial(_chunk_scan_bwd, cfg=cfg))
   o, S = outs[0], outs[6 + cfg.ngates]
   return o.reshape(B, H, Nc * T, D)[:, :, :L], S.reshape(B, H, -1, D, D)[:, :, :L // segment]
@@ -230,7 +234,7 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
   # the grad_fxn of the o kernel: gradients for every input of chunk_scan, from dO and (when S is used) dS
   grads, call = (args[:-1], args[-1]) if call is None else (args, call)
   _, A, v, _, q, *rest = [Tensor(u) for u in call.src[1:]]
-  g, (k, S, Mp), m0 = tuple(rest[:cfg.ngates]), rest[cfg.ngates:cfg.ngates + 3], rest[cfg.ngates + 3:]
+  g, (k, S, Mp), m0 = tuple(rest[:cfg.ngates]), rest[cfg.ngates:cfg.ngates + 3], rest[cfg.ngates + 3:-1]
   N, Nc, T, D, Lp = cfg.N, cfg.Nc, cfg.T, cfg.D, cfg.Nc * cfg.T
   # which of o (3 axes) and S (4 axes) got a gradient; contiguous: a gradient can arrive as an unrealized constant
   dO = next((Tensor(x).contiguous() for x in grads if len(x.shape) == 3), None)
@@ -246,8 +250,8 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
   # gated: the gate gradients below need dq, dv, dk in float32; la writes them in the inputs' dtype
   gdt = dtypes.float if cfg.gated else q.dtype
   dq = _run(_mix_fxn(cfg, False, "chunk_scan_dq"), [empty(N, Lp, D, dtype=gdt)], [A2, k, Mp, dO, *g])[0]
-  X = _run(_mix_fxn(cfg, True, "chunk_scan_dv"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A, dO, HT, k, *g])[0]
-  Y = _run(_mix_fxn(cfg, True, "chunk_scan_dk"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A2, q, Hc, v, *g])[0]
+  X = _run(_mix_fxn(cfg, True, "chunk_scan_dv"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A, dO, HT, k, *g[:1]])[0]
+  Y = _run(_mix_fxn(cfg, True, "chunk_scan_dk"), [empty(N, cfg.nsrc, Lp, D, dtype=gdt)], [A2, q, Hc, v, *g[:1]])[0]
   dg = [None] * cfg.ngates
   if not cfg.gated: dv, dk = X[:, 0], Y[:, 0]
   else:
@@ -271,7 +275,7 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
     later = (cs.flip(-1).cumsum(-1).flip(-1) - cs).reshape(N, -1)[:, :Nc]
     dg[0], dg[1] = (dG + later.reshape(N, Nc, 1).pad((None, None, (T - 1, 0)))).reshape(N, Lp), dl
   dm0 = [dM0.reshape(-1, cfg.H, dM0.shape[1], D, D).sum((0, 2))] if m0 else []
-  ret = [None, None, dv, None, dq, *dg, dk, None, None, *dm0]
+  ret = [None, None, dv, None, dq, *dg, dk, None, None, *dm0, None]
   return tuple(None if x is None else x.cast(s.dtype).uop for x, s in zip(ret, call.src[1:]))
 
 # **** cache_read ****
@@ -611,6 +615,8 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, dtype=None) -> Ten
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else (dtype or A.dtype), device=A.device)
   C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, A.dtype in (dtypes.half, dtypes.bfloat16)))[0]
   return C[0] if S == 1 else C.sum(0).cast(dtype or A.dtype)
+
+def linear_splits(x:Tensor) -> bool: return _slices(math.prod(x.shape[:-1])) > 1   # the split is what linear adds over x @ w
 
 def linear(x:Tensor, w:Tensor) -> Tensor:
   """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""

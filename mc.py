@@ -448,10 +448,11 @@ def memory_mix_recurrent(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg
 
 # ***** the layer, block and model *****
 
-# a projection: weights stay float32, math in the activation dtype. Its output's gradient gets a buffer of its own: else tinygrad
-# folds the elementwise backward that follows (conv, SiLU, L2 norm, gates) into each matmul reading it, once per output element
-# (Block.mix at d=1024, L=2048: 577 -> 429 GFLOP for forward+backward)
-def _lin(x:Tensor, w:Tensor) -> Tensor: return (x @ w.cast(x.dtype)).contiguous_backward()
+# a projection: weights stay float32, math in the activation dtype. fused: kernels.linear where its weight gradient splits over
+# slices of the tokens. Else its output's gradient gets a buffer of its own: tinygrad would fold the elementwise backward that
+# follows (conv, SiLU, L2 norm, gates) into each matmul reading it, once per output element
+def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
+  return kernels.linear(x, w) if fused and kernels.linear_splits(x) else (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-scale / math.sqrt(fan_in), high=scale / math.sqrt(fan_in))
 def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor: return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
 
@@ -494,10 +495,10 @@ class Block:
     # post-conv q,k,v (B,L,3dim) -> heads, L2-normalised q,k, the connector u and the gates, all (B,H,L,...)
     q, k, v = (self._heads(x) for x in qkv.silu().chunk(3, dim=-1))
     q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
-    u = self._heads(_lin(h, self.wu)) if hasattr(self, "wu") else q
+    u = self._heads(_lin(h, self.wu, self.cfg.kernels)) if hasattr(self, "wu") else q
     gates = {}
     if self.gate_names:
-      g = (_lin(h, self.wg).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), self.cfg.n_heads)
+      g = (_lin(h, self.wg, self.cfg.kernels).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), self.cfg.n_heads)
       gates = {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # (B,H,L)
     return q, k, v, u, gates
 
@@ -506,12 +507,12 @@ class Block:
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
     # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
-    return x + _lin(y * _lin(h, self.wgate).silu(), self.wo)
+    return x + _lin(y * _lin(h, self.wgate, self.cfg.kernels).silu(), self.wo, self.cfg.kernels)
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
     h = _rms(x, self.norm2)
-    return x + _lin(_lin(h, self.w1).silu() * _lin(h, self.w3), self.w2)
+    return x + _lin(_lin(h, self.w1, self.cfg.kernels).silu() * _lin(h, self.w3, self.cfg.kernels), self.w2, self.cfg.kernels)
 
   def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
 
@@ -521,7 +522,7 @@ class Block:
   def mix(self, x:Tensor) -> Tensor:
     # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
     h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv)
+    qkv = _lin(h, self.wqkv, self.cfg.kernels)
     if self.cfg.mixer == "attn":
       q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
       q, k = rope(q, 0, self.cfg.rope_theta), rope(k, 0, self.cfg.rope_theta)
@@ -530,7 +531,10 @@ class Block:
       # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
       w, L = self.cfg.conv, x.shape[1]
       xp = qkv.pad((None, (w - 1, 0), None))
-      qkv = sum(xp[:, i:i + L] * self.conv[i].cast(qkv.dtype) for i in range(w))
+      # the weights per batch row, their gradient in a buffer of its own: one reduce over every token of the batch would run a
+      # thread per weight
+      wb = self.conv.cast(qkv.dtype).unsqueeze(0).expand(x.shape[0], *self.conv.shape).contiguous_backward()
+      qkv = sum(xp[:, i:i + L] * wb[:, i:i + 1] for i in range(w))
     q, k, v, u, gates = self._qkvug(h, qkv)
     return self._out(x, h, memory_mix(q, k, v, u, gates, self.cfg, self._init_mem()))
 
@@ -542,7 +546,7 @@ class Block:
   def step(self, x:Tensor, st:dict) -> tuple[Tensor, dict]:
     # one token x (B,1,dim) with the recurrent state
     h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv)
+    qkv = _lin(h, self.wqkv, self.cfg.kernels)
     if self.cfg.mixer == "attn":
       q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
       q, k = rope(q, st["pos"], self.cfg.rope_theta), rope(k, st["pos"], self.cfg.rope_theta)
@@ -566,7 +570,7 @@ class Model:
     self.norm = Tensor.ones(cfg.dim)
     self._jits, self._plans = {}, {}                                       # decode steps captured by TinyJit, by state structure
 
-  def _logits(self, x:Tensor) -> Tensor: return _rms(x, self.norm).float() @ self.emb.T
+  def _logits(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)
 
   def __call__(self, tokens:Tensor) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32
