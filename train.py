@@ -53,6 +53,7 @@ class TrainConfig:
   out: str = "runs"           # parent folder of the run folders
   name: str = ""              # run folder <out>/<name>; "" = the preset's name
   resume: str = ""            # a run folder to continue exactly; its config is the base that --key=value changes
+  overwrite: bool = False     # 1 = start afresh in an existing run folder, deleting its checkpoint, log and eval results
 
   def __post_init__(self):
     if self.task not in ("lm", "mqar"): raise ValueError(f"--task={self.task!r}: allowed values are ('lm', 'mqar')")
@@ -62,6 +63,7 @@ class TrainConfig:
     if self.lr <= 0 or self.warmup < 0 or self.grad_clip <= 0 or not 0 <= self.min_lr <= 1:
       raise ValueError(f"need lr > 0, warmup >= 0, grad_clip > 0 and 0 <= min_lr <= 1, got {self.lr}, {self.warmup}, {self.grad_clip}, {self.min_lr}")
     if self.task == "lm" and self.model.vocab < 256: raise ValueError(f"--vocab={self.model.vocab}: task 'lm' reads bytes, needs vocab >= 256")
+    if self.resume and self.overwrite: raise ValueError(f"--resume={self.resume} continues a run; --overwrite=1 would delete it: give one of them")
 
 # Every preset's comment: measured time and final validation result, on named hardware, with the command.
 PRESETS: dict[str, dict] = {
@@ -118,16 +120,41 @@ def parse_args(argv:list[str]) -> TrainConfig:
   if preset not in PRESETS: raise ValueError(f"unknown preset --preset={preset!r}: allowed values are {tuple(PRESETS)}")
   if kv.get("resume"):
     # a resumed run keeps its config; a preset given again must agree with it on the model (train() checks)
-    return configure(load_config(Path(kv["resume"])), {"stop_at": 0, **(PRESETS[preset] if "preset" in kv else {}), **kv})
+    return configure(load_config(Path(kv["resume"])), {"stop_at": 0, "overwrite": False, **(PRESETS[preset] if "preset" in kv else {}), **kv})
   return configure(TrainConfig(), {**PRESETS[preset], **kv})
+
+def read_json(p:Path) -> typing.Any:
+  try: return json.loads(p.read_bytes())
+  except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+def from_json(cls, d:dict, p:Path):
+  # a dataclass from a JSON object whose keys and value types must match its fields
+  hints = _hints(cls)
+  if unknown := sorted(set(d) - set(hints) - {"model"}): raise ValueError(f"{p}: unknown fields {unknown} (not a tinymc run config?)")
+  for k, v in d.items():
+    h = hints.get(k)
+    ok = {bool: lambda: type(v) is bool, int: lambda: type(v) is int, float: lambda: type(v) in (int, float), str: lambda: type(v) is str}
+    if h in ok and not ok[h](): raise ValueError(f"{p}: {k}={v!r} is not of type {h.__name__}")
+  try: return cls(**d)
+  except (TypeError, ValueError) as e: raise ValueError(f"{p}: {e}") from None
 
 def load_config(run:Path) -> TrainConfig:
   p = Path(run) / "config.json"
   if not p.is_file(): raise ValueError(f"{run}: no run there ({p} is missing)")
-  d = json.loads(p.read_text())
-  return TrainConfig(**{**d, "model": MCConfig(**d["model"])})
+  d = read_json(p)
+  if not isinstance(d, dict) or not isinstance(d.get("model"), dict): raise ValueError(f"{p}: not a tinymc run config (no \"model\" object)")
+  return from_json(TrainConfig, {**d, "model": from_json(MCConfig, d["model"], p)}, p)
 
 # ***** device and data *****
+
+def check_device():
+  # tinygrad opens a device on first use: probe it before anything is written, so a missing one is one line, not a traceback
+  try: Device[Device.DEFAULT]
+  except Exception as e:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    other = ", ".join(f"DEV={d}" for d in ("CUDA", "METAL", "CL") if d != Device.DEFAULT)
+    raise ValueError(f"DEV={os.environ.get('DEV', Device.DEFAULT)}: the {Device.DEFAULT} device is not available here ({why}); "
+                     f"try DEV=CPU (it needs clang), or {other} where this machine has one") from None
 
 def check_dtype(dtype:str):
   if not kernels.supported(dtype): raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
@@ -214,16 +241,23 @@ def save_tensors(tensors:dict[str, Tensor], path:Path, metadata:dict[str, str]):
     for a in arrs.values(): f.write(np.ascontiguousarray(a).tobytes())
 
 def read_tensors(path:Path) -> dict[str, tuple[np.ndarray, typing.Any]]:
-  # {name: (array, tinygrad dtype)}; bfloat16 arrays come back as their uint16 bits
+  # {name: (array, tinygrad dtype)}; bfloat16 arrays come back as their uint16 bits. A truncated or foreign file is named.
+  if not path.is_file(): raise ValueError(f"{path}: missing (an incomplete checkpoint?)")
   raw, names = path.read_bytes(), {v: k for k, v in ST_DTYPES.items()}
-  n = int.from_bytes(raw[:8], "little")
-  out = {}
-  for k, h in json.loads(raw[8:8 + n]).items():
-    if k == "__metadata__": continue
-    dt = names[h["dtype"]]
-    np_dt = np.uint16 if dt == dtypes.bfloat16 else np.bool_ if dt == dtypes.bool else np.dtype(dt.fmt)
-    a, b = h["data_offsets"]
-    out[k] = (np.frombuffer(raw, np_dt, (b - a) // np.dtype(np_dt).itemsize, 8 + n + a).reshape(h["shape"]), dt)
+  n, out = int.from_bytes(raw[:8], "little"), {}
+  try:
+    if len(raw) < 8 or 8 + n > len(raw): raise ValueError(f"its header needs {8 + n} bytes, the file has {len(raw)}")
+    for k, h in json.loads(raw[8:8 + n]).items():
+      if k == "__metadata__": continue
+      if h["dtype"] not in names: raise ValueError(f"{k} has dtype {h['dtype']!r}, not one of {sorted(names)}")
+      dt = names[h["dtype"]]
+      np_dt = np.dtype(np.uint16 if dt == dtypes.bfloat16 else np.bool_ if dt == dtypes.bool else dt.fmt)
+      a, b = h["data_offsets"]
+      if b - a != math.prod(h["shape"]) * np_dt.itemsize or 8 + n + b > len(raw):
+        raise ValueError(f"{k} needs bytes {8 + n + a}..{8 + n + b} of {len(raw)} for shape {h['shape']}")
+      out[k] = (np.frombuffer(raw, np_dt, (b - a) // np_dt.itemsize, 8 + n + a).reshape(h["shape"]), dt)
+  except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a complete safetensors file ({type(e).__name__}: {e}); truncated or foreign?") from None
   return out
 
 def ckpt_dir(run:Path) -> Path:
@@ -231,6 +265,16 @@ def ckpt_dir(run:Path) -> Path:
   for d in (run / "ckpt", run / "ckpt.old"):
     if (d / "state.json").is_file(): return d
   raise ValueError(f"{run}: no checkpoint there (no ckpt/state.json)")
+
+STATE_KEYS = ("step", "data", "val", "best_val", "train_time_s", "tokens")
+
+def read_state(ck:Path) -> dict:
+  # a checkpoint's state.json: the step, the data generator's state, the validation history, the clock
+  state = read_json(p := ck / "state.json")
+  if not isinstance(state, dict) or (missing := [k for k in STATE_KEYS if k not in state]):
+    raise ValueError(f"{p}: lacks {missing if isinstance(state, dict) else list(STATE_KEYS)} (not a tinymc checkpoint?)")
+  if type(state["step"]) is not int or state["step"] < 0: raise ValueError(f"{p}: step={state['step']!r} is not a step number")
+  return state
 
 def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
   tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
@@ -245,10 +289,13 @@ def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
   os.replace(tmp, cur)
   shutil.rmtree(old, ignore_errors=True)
 
-def load_tensors(obj, path:Path):
-  # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error
+def load_tensors(obj, path:Path, strict:bool=True):
+  # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error, and
+  # so are extra ones if strict (a model read with other MCConfig fields, e.g. agg=mean of a grm model, may use fewer)
   sd, want = read_tensors(path), obj if isinstance(obj, dict) else get_state_dict(obj)
   if missing := sorted(set(want) - set(sd)): raise ValueError(f"{path}: lacks {missing[:5]} (saved from a different config?)")
+  if strict and (extra := sorted(set(sd) - set(want))):
+    raise ValueError(f"{path}: has {extra[:5]} that this model lacks (saved from a different config?)")
   for k, t in want.items():
     if t.shape != sd[k][0].shape: raise ValueError(f"{path}: {k} has shape {sd[k][0].shape}, the model needs {t.shape} (saved from a different config?)")
   for k, t in want.items():
@@ -260,9 +307,10 @@ def load_model(run:Path, **overrides) -> tuple[TrainConfig, Model]:
   """The model of a run folder with its last checkpoint's weights; overrides replace MCConfig fields (e.g. agg="mean")."""
   cfg = load_config(run)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
+  check_device()
   check_dtype(cfg.model.dtype)
   model = Model(cfg.model)
-  load_tensors(model, ckpt_dir(Path(run)) / "model.safetensors")
+  load_tensors(model, ckpt_dir(Path(run)) / "model.safetensors", strict=not overrides)
   return cfg, model
 
 def lr_at(cfg:TrainConfig, step:int) -> float:
@@ -293,34 +341,49 @@ def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
     return loss, gnorm
   return step
 
+def check_new_run(run:Path, overwrite:bool):
+  # a new run never replaces a run folder that holds a checkpoint or a log unless --overwrite=1 asks it to
+  ckpt = any((run / d).is_dir() for d in ("ckpt", "ckpt.old"))
+  if (ckpt or (run / "log.txt").is_file() and (run / "log.txt").stat().st_size) and not overwrite:
+    cont = f"continue it with --resume={run}, " if ckpt else ""
+    raise ValueError(f"{run} already holds a run ({'a checkpoint' if ckpt else 'a log, no checkpoint'}): {cont}"
+                     "replace it with --overwrite=1, or give another --name")
+
+def clear_run(run:Path):
+  # a new run's folder: the old run's checkpoints, log and eval results (which describe another model) go
+  run.mkdir(parents=True, exist_ok=True)
+  for d in ("ckpt", "ckpt.old", "ckpt.tmp"): shutil.rmtree(run / d, ignore_errors=True)
+  for f in run.glob("eval_*.json"): f.unlink()
+  (run / "log.txt").write_text("")
+
 def train(cfg:TrainConfig) -> dict:
   """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
   with Context(**device_defaults()): return _train(cfg)
 
 def _train(cfg:TrainConfig) -> dict:
+  # everything is checked before the run folder is touched: device, dtype, folder, config, data, and a resumed checkpoint's files
+  check_device()
   check_dtype(cfg.model.dtype)
   run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or cfg.preset)
   if cfg.resume and (saved := load_config(run).model) != cfg.model:
     diff = [f.name for f in dataclasses.fields(MCConfig) if getattr(saved, f.name) != getattr(cfg.model, f.name)]
     raise ValueError(f"--resume={run}: the checkpoint's model has " + ", ".join(f"{k}={getattr(saved, k)!r}" for k in diff) +
                      "; this run asks for " + ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in diff))
+  if not cfg.resume: check_new_run(run, cfg.overwrite)
   data, val = make_data(cfg)
   Tensor.manual_seed(cfg.seed)
   model = Model(cfg.model)
   params, opt = get_state_dict(model), make_optimizer(model, cfg)
   state = {"step": 0, "data": None, "val": [], "best_val": None, "train_time_s": 0.0, "tokens": 0}
   if cfg.resume:
-    ck = ckpt_dir(run)
+    state = read_state(ck := ckpt_dir(run))
     load_tensors(model, ck / "model.safetensors")
     load_tensors(optim_state(opt), ck / "optim.safetensors")
-    state = json.loads((ck / "state.json").read_text())
-    data.load_state(state["data"])
-  else:
-    run.mkdir(parents=True, exist_ok=True)
-    for d in ("ckpt", "ckpt.old", "ckpt.tmp"): shutil.rmtree(run / d, ignore_errors=True)
-    (run / "log.txt").write_text("")
+    try: data.load_state(state["data"])
+    except Exception as e: raise ValueError(f"{ck / 'state.json'}: its data position does not fit this run ({type(e).__name__}: {e})") from None
   # realized buffers from the first step on, so the first call compiles the same graph that the jit captures and replays
   Tensor.realize(*params.values(), *optim_state(opt).values())
+  if not cfg.resume: clear_run(run)
   conf = dataclasses.asdict(cfg)
   (run / "config.json").write_text(json.dumps(conf, indent=1))
   def say(line:str, echo:bool=True):
@@ -343,7 +406,6 @@ def _train(cfg:TrainConfig) -> dict:
   def checkpoint(s:int):
     state.update(step=s, data=data.state())
     save_ckpt(run, model, opt, state)
-
   losses, dts, s = [], [], state["step"]
   if not cfg.resume: evaluate(0)
   bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
@@ -383,6 +445,7 @@ def main(argv:list[str]|None=None) -> int:
   if argv and argv[0] in ("-h", "--help"):
     print(__doc__ + "\npresets: " + ", ".join(PRESETS) + "\noptions: " + " ".join(f"--{k}" for k in {**_hints(TrainConfig), **_hints(MCConfig)}))
     return 0
+
   try:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
