@@ -14,7 +14,7 @@ state.json (step, data generator state, validation history). A checkpoint is wri
 old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/ (or, between the two renames, in
 ckpt.old/, which loading falls back to).
 """
-import dataclasses, difflib, importlib.metadata, json, math, os, platform, shutil, sys, time, typing
+import dataclasses, difflib, importlib.metadata, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -341,6 +341,12 @@ def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
     return loss, gnorm
   return step
 
+class Interrupted(Exception):
+  """SIGINT or SIGTERM stopped a run: a checkpoint of the step reached was written, or the step under way was abandoned."""
+  def __init__(self, signum:int, line:str):
+    super().__init__(line)
+    self.signum = signum
+
 def check_new_run(run:Path, overwrite:bool):
   # a new run never replaces a run folder that holds a checkpoint or a log unless --overwrite=1 asks it to
   ckpt = any((run / d).is_dir() for d in ("ckpt", "ckpt.old"))
@@ -356,8 +362,17 @@ def clear_run(run:Path):
   for f in run.glob("eval_*.json"): f.unlink()
   (run / "log.txt").write_text("")
 
+def trim_log(log:Path, step:int):
+  # a run killed after its last checkpoint logged steps that the resumed run replays: drop them, so each step is logged once
+  lines = log.read_text().splitlines(keepends=True) if log.is_file() else []
+  keep = [ln for ln in lines if not ((m := re.match(r"(?:step|val) +(\d+)/", ln)) and int(m[1]) > step)]
+  if len(keep) < len(lines):
+    log.with_suffix(".tmp").write_text("".join(keep))
+    os.replace(log.with_suffix(".tmp"), log)
+
 def train(cfg:TrainConfig) -> dict:
-  """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
+  """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed.
+  SIGINT or SIGTERM (in the main thread) checkpoints the step reached and raises Interrupted."""
   with Context(**device_defaults()): return _train(cfg)
 
 def _train(cfg:TrainConfig) -> dict:
@@ -383,7 +398,8 @@ def _train(cfg:TrainConfig) -> dict:
     except Exception as e: raise ValueError(f"{ck / 'state.json'}: its data position does not fit this run ({type(e).__name__}: {e})") from None
   # realized buffers from the first step on, so the first call compiles the same graph that the jit captures and replays
   Tensor.realize(*params.values(), *optim_state(opt).values())
-  if not cfg.resume: clear_run(run)
+  if cfg.resume: trim_log(run / "log.txt", state["step"])
+  else: clear_run(run)
   conf = dataclasses.asdict(cfg)
   (run / "config.json").write_text(json.dumps(conf, indent=1))
   def say(line:str, echo:bool=True):
@@ -398,6 +414,7 @@ def _train(cfg:TrainConfig) -> dict:
 
   step = make_step(model, opt, cfg.grad_clip)
   score, end, B, L = scorer(model), cfg.stop_at or cfg.steps, cfg.batch_size, cfg.seq_len
+  resume = f"python train.py --resume={shlex.quote(str(run))}"
   def evaluate(s:int):
     v = validate(score, val)
     state["val"].append({"step": s, **v})
@@ -406,38 +423,62 @@ def _train(cfg:TrainConfig) -> dict:
   def checkpoint(s:int):
     state.update(step=s, data=data.state())
     save_ckpt(run, model, opt, state)
-  losses, dts, s = [], [], state["step"]
-  if not cfg.resume: evaluate(0)
-  bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
-  while s < end:
-    x, y = data.next()
-    t0 = time.perf_counter()
-    lr = lr_at(cfg, s)
-    for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
-    loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
-    dt = time.perf_counter() - t0
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      bar.close()
-      try: last = f"the last good checkpoint is {(ck := ckpt_dir(run))} (step {json.loads((ck / 'state.json').read_text())['step']})"
-      except ValueError: last = "no checkpoint was written yet"
-      say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last}. Try a lower --lr or --dtype=float32.")
-      raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last}")
-    s += 1
-    losses.append(loss)
-    dts.append(dt)
-    state["train_time_s"] += dt
-    state["tokens"] += B * L
-    say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
-    bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
-    bar.update(1)
-    # validation and checkpoints are off the clock: train_time_s only counts steps
-    if s % cfg.eval_every == 0 or s == end: evaluate(s)
-    if s % cfg.ckpt_every == 0 or s == end: checkpoint(s)
-  bar.close()
+  def last_ckpt() -> str:
+    try: return f"the last good checkpoint is {(ck := ckpt_dir(run))} (step {read_state(ck)['step']})"
+    except ValueError: return "no checkpoint was written yet"
+
+  # SIGINT or SIGTERM: the step under way finishes, its checkpoint is written, and the run stops; a second signal abandons the step
+  stop: list[int] = []
+  def on_signal(signum, frame):
+    stop.append(signum)
+    if len(stop) > 1: raise KeyboardInterrupt
+    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step to checkpoint it (send it again to abandon the step)\n")
+  main = threading.current_thread() is threading.main_thread()   # only the main thread may take signals
+  handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+  losses, dts, s, saved = [], [], state["step"], state["step"] if cfg.resume else None
+  try:
+    if not cfg.resume: evaluate(0)
+    bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
+    while s < end and not stop:
+      x, y = data.next()
+      t0 = time.perf_counter()
+      lr = lr_at(cfg, s)
+      for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
+      loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
+      dt = time.perf_counter() - t0
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        bar.close()
+        say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last_ckpt()}. Try a lower --lr or --dtype=float32.")
+        raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last_ckpt()}")
+      s += 1
+      losses.append(loss)
+      dts.append(dt)
+      state["train_time_s"] += dt
+      state["tokens"] += B * L
+      say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
+      bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
+      bar.update(1)
+      # validation and checkpoints are off the clock: train_time_s only counts steps
+      if s % cfg.eval_every == 0 or s == end: evaluate(s)
+      if s % cfg.ckpt_every == 0 or s == end: checkpoint(saved := s)
+    bar.close()
+    if stop:
+      if saved != s: checkpoint(saved := s)
+      say(f"{signal.Signals(stop[0]).name} at step {s} of {cfg.steps}: checkpoint written; continue with: {resume}")
+      raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} at step {s}")
+  except (Exception, KeyboardInterrupt) as e:
+    # a second signal, or an error caused by the first (a Ctrl-C also reaches the compiler's process), abandons the step under
+    # way: the last complete checkpoint stays
+    if not stop or isinstance(e, Interrupted): raise
+    say(f"{signal.Signals(stop[0]).name} during step {s + 1}: abandoned it; {last_ckpt()}; continue with: {resume}")
+    raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} during step {s + 1}") from None
+  finally:
+    for sig, h in handlers.items(): signal.signal(sig, h)
   # speed once compiled: the jit's first two calls build and capture the graph
-  tps = B * L * len(dts[2:]) / sum(dts[2:]) if len(dts) > 2 else float("nan")
+  tps = B * L * len(dts[2:]) / sum(dts[2:]) if len(dts) > 2 else None
+  speed = f"tok/s {tps:,.0f} after compiling" if tps else "tok/s n/a (under 3 steps: the first two compile)"
   bpb = f"{state['val'][0]['bpb']:.4f} -> {state['val'][-1]['bpb']:.4f}"
-  say(f"done {run} | step {s} | train time {state['train_time_s']:.1f}s | tok/s {tps:,.0f} after compiling | val bpb {bpb}")
+  say(f"done {run} | step {s} | train time {state['train_time_s']:.1f}s | {speed} | val bpb {bpb}")
   return {"run": str(run), "step": s, "losses": losses, "val": state["val"], "train_time_s": state["train_time_s"], "tok_s": tps}
 
 def main(argv:list[str]|None=None) -> int:
@@ -456,6 +497,11 @@ def main(argv:list[str]|None=None) -> int:
   except FloatingPointError as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 1
+  except Interrupted as e:
+    return 128 + e.signum
+  except KeyboardInterrupt:
+    print("train.py: interrupted before the first step; no checkpoint was written", file=sys.stderr)
+    return 130
   print(f"wall time {time.perf_counter() - t0:.1f}s (with compilation and validation)")
   return 0
 
