@@ -14,7 +14,8 @@ state.json (step, data generator state, validation history). A checkpoint is wri
 old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/ (or, between the two renames, in
 ckpt.old/, which loading falls back to).
 """
-import dataclasses, difflib, importlib.metadata, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time, typing
+import dataclasses, difflib, importlib.metadata, inspect, io, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time
+import tokenize, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -101,11 +102,39 @@ def parse_kv(argv:list[str], known:dict[str, type]) -> dict[str, typing.Any]:
   for a in argv:
     if not a.startswith("--") or "=" not in a: raise ValueError(f"arguments are --key=value, got {a!r}")
     k, v = a[2:].split("=", 1)
+    if k not in known and k.lower() in ("device", "dev", "gpu", "cuda", "metal", "cpu", "backend"):
+      raise ValueError(f"unknown option --{k}: the device is tinygrad's environment variable, e.g. DEV={v.upper() or 'CPU'} python {sys.argv[0]} ...")
     if k not in known:
       close = difflib.get_close_matches(k, known, n=3)
       raise ValueError(f"unknown option --{k}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
     out[k] = typed(k, v, known[k])
   return out
+
+def field_docs(cls) -> dict[str, tuple[str, str]]:
+  # {field: (default as written in the source, its comment)}: --help reads the one place each option is explained
+  lines, docs = inspect.getsource(cls).splitlines(keepends=True), {}
+  for t in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+    if t.type == tokenize.NAME and t.string == "def": break
+    if t.type == tokenize.COMMENT and (m := re.match(r"\s*(\w+)\s*:[^=]*=(.*)", lines[t.start[0] - 1][:t.start[1]])):
+      docs[m[1]] = (m[2].strip(), t.string.lstrip("# "))
+  return {f.name: docs.get(f.name, (repr(f.default), "")) for f in dataclasses.fields(cls) if f.name != "model"}
+
+def options_help(cls, keep=lambda k, doc: True, default:str|None=None) -> str:
+  # one line per option: --name, its default (or `default` for all), its meaning
+  shown = lambda d: d if d == '""' else d.strip('"') if d[:1] != "(" else d[1:-1].replace(" ", "").rstrip(",") or '""'
+  docs = {k: (default or shown(d), doc) for k, (d, doc) in field_docs(cls).items() if keep(k, doc)}
+  w, v = max(len(k) for k in docs) + 2, max(len(d) for d, _ in docs.values())
+  return "\n".join(f"  {'--' + k:<{w}}  {d:<{v}}  {doc}" for k, (d, doc) in docs.items())
+
+def usage() -> str:
+  # the docstring, the presets with their comments and values, then every option with its default and meaning
+  src = Path(__file__).read_text()
+  notes = dict((k, c) for c, k in re.findall(r'^  # (.*)\n  "(\w+)": dict\(', src[src.index("PRESETS: dict"):], re.M))
+  presets = "\n".join(f"  {k:<8} {notes.get(k, '')}\n  {'':<8} " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+  return (f"usage: python train.py [--preset=NAME] [--key=value ...]; the device is tinygrad's DEV=CPU|CUDA|METAL|CL\n{__doc__}\n"
+          f"presets (--preset=NAME, default \"default\"): their values go over the defaults below, --key=value over both\n{presets}\n\n"
+          f"training options (TrainConfig), --key=value:   default   meaning\n{options_help(TrainConfig)}\n\n"
+          f"model options (MCConfig in mc.py), --key=value:   default   meaning\n{options_help(MCConfig)}")
 
 def configure(base:TrainConfig, overrides:dict) -> TrainConfig:
   # set TrainConfig and MCConfig fields by name (both validate themselves)
@@ -483,10 +512,9 @@ def _train(cfg:TrainConfig) -> dict:
 
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if argv and argv[0] in ("-h", "--help"):
-    print(__doc__ + "\npresets: " + ", ".join(PRESETS) + "\noptions: " + " ".join(f"--{k}" for k in {**_hints(TrainConfig), **_hints(MCConfig)}))
+  if {"-h", "--help"} & set(argv):
+    print(usage())
     return 0
-
   try:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
