@@ -44,10 +44,16 @@ class EvalConfig:
   configs: tuple[str, ...] = ()        # speed: only these rows (layers: none,grm,grm-log,ssc,ssc-log,attn; model: la-grm,...,attn)
   out: str = ""                        # write the JSON here instead of the run folder (speed writes none without it)
 
-def load(ec:EvalConfig, overrides:dict):
+# the training task each command's run must have: a byte language model or an MQAR recall model
+TASKS = {"ppl": "lm", "niah": "lm", "mqar": "mqar"}
+
+def load(ec:EvalConfig, overrides:dict, cmd:str):
   if not ec.ckpt: raise ValueError("--ckpt=runs/<name> is required")
+  if (task := train.load_config(Path(ec.ckpt)).task) != TASKS[cmd]:
+    how = "python train.py --preset=mqar" if TASKS[cmd] == "mqar" else "e.g. python train.py --preset=smoke"
+    raise ValueError(f"{cmd} needs a run trained with --task={TASKS[cmd]} ({how}); {ec.ckpt} was trained with --task={task}")
   cfg, model = train.load_model(Path(ec.ckpt), **overrides)
-  step = json.loads((train.ckpt_dir(Path(ec.ckpt)) / "state.json").read_text())["step"]
+  step = train.read_state(train.ckpt_dir(Path(ec.ckpt)))["step"]
   print(f"{ec.ckpt} at step {step} | device {Device.DEFAULT} | dtype {cfg.model.dtype} | overrides {overrides or 'none'}")
   return cfg, model
 
@@ -76,8 +82,7 @@ def table(header:list[str], rows:list[list]) -> str:
 
 def ppl(ec:EvalConfig, overrides:dict) -> dict:
   """Validation bits per byte at each length; bpb_beyond counts only the positions past the training length."""
-  cfg, model = load(ec, overrides)
-  if cfg.task != "lm": raise ValueError(f"ppl measures a language model; {ec.ckpt} was trained on task {cfg.task!r}")
+  cfg, model = load(ec, overrides, "ppl")
   val, score, rows = load_corpus(ec.data or cfg.data or None, "val"), train.scorer(model), []
   for L in lengths(ec, cfg):
     if len(val) < L + 1:
@@ -92,7 +97,7 @@ def ppl(ec:EvalConfig, overrides:dict) -> dict:
 
 def niah(ec:EvalConfig, overrides:dict) -> dict:
   """Exact-match accuracy of NIAH-1/2/3 (data/tasks.py, evaluation needles) for every length and depth."""
-  cfg, model = load(ec, overrides)
+  cfg, model = load(ec, overrides, "niah")
   ok = [L for L in lengths(ec, cfg) if L >= niah_min_length()]
   if not ok: raise ValueError(f"NIAH needs lengths >= {niah_min_length()} bytes, got {lengths(ec, cfg)}; give e.g. --lengths=512,1024")
   if skipped := sorted(set(lengths(ec, cfg)) - set(ok)): print(f"skipping lengths {skipped}: shorter than a NIAH example ({niah_min_length()} bytes)")
@@ -118,7 +123,7 @@ def niah(ec:EvalConfig, overrides:dict) -> dict:
 
 def mqar(ec:EvalConfig, overrides:dict) -> dict:
   """Accuracy on the answers of MQAR sequences (data/tasks.py) over a grid of (seq_len, num_kv_pairs)."""
-  cfg, model = load(ec, overrides)
+  cfg, model = load(ec, overrides, "mqar")
   score, rng, rows, n, V = train.scorer(model), np.random.default_rng([ec.seed, 2]), [], ec.limit or 256, cfg.model.vocab
   for T in lengths(ec, cfg):
     for kv in ec.kvs:
@@ -255,6 +260,7 @@ def evaluate(cmd:str, argv:list[str]) -> dict:
   eh, mh = train._hints(EvalConfig), train._hints(MCConfig)
   kv = train.parse_kv(argv, {**eh, **mh})
   ec, overrides = EvalConfig(**{k: v for k, v in kv.items() if k in eh}), {k: v for k, v in kv.items() if k not in eh}
+  train.check_device()
   with Context(**train.device_defaults()): res = {"command": cmd, "eval": dataclasses.asdict(ec), "overrides": overrides, **COMMANDS[cmd](ec, overrides)}
   if ec.ckpt or ec.out:
     out = Path(ec.out) if ec.out else Path(ec.ckpt) / ("eval_" + "-".join([cmd, *(f"{k}={v}" for k, v in overrides.items())]) + ".json")
@@ -272,6 +278,9 @@ def main(argv:list[str]|None=None) -> int:
   except ValueError as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("eval.py: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 if __name__ == "__main__": sys.exit(main())
