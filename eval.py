@@ -9,13 +9,13 @@ tinymc evaluation of a trained run: language modelling at longer contexts, needl
 
 Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
 the same weights. Each command prints a table and writes it as JSON into the run folder, eval_<command>[-<overrides>].json,
-or to --out. speed times randomly initialised layers and models at issue 4's sizes (tiny ones on the CPU, a smoke test):
+or to --out. speed times randomly initialised layers and models at fixed sizes (tiny ones on the CPU, a smoke test):
 layers (one MC layer, Block.mix, vs length), package (the same layer against the memory-caching package), model (each core, grm vs none);
 MCConfig overrides (--dtype=bfloat16 --dim=512) apply to all of them, --parts and --configs pick what runs.
 NIAH is scored by exact match of the answer bytes: teacher-forced argmax at every answer position (which equals greedy
 decoding: a wrong byte already fails the example), or with --generate by model.generate at temperature 0.
 """
-import dataclasses, gc, json, math, sys, typing
+import dataclasses, gc, json, math, re, sys, typing
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -268,12 +268,29 @@ def evaluate(cmd:str, argv:list[str]) -> dict:
     print(f"wrote {out}")
   return res
 
+def for_command(cmd:str|None):
+  # an EvalConfig field whose comment starts "ppl:" or "niah and mqar:" belongs to those commands; one without a prefix to all
+  def keep(k:str, doc:str) -> bool:
+    words = set(re.findall(r"\w+", m[1])) - {"and"} if (m := re.match(r"([a-z, ]+):", doc)) else set()
+    return cmd is None or not words or not words <= set(COMMANDS) or cmd in words
+  return keep
+
+def usage(cmd:str|None=None) -> str:
+  # the docstring (or the command's), then every option with its default and meaning, read from EvalConfig and MCConfig
+  head = f"usage: python eval.py {cmd or '{' + ','.join(COMMANDS) + '}'} [--key=value ...]; the device is tinygrad's DEV=CPU|CUDA|METAL|CL\n"
+  about = f"\n{cmd}: {COMMANDS[cmd].__doc__}\n" if cmd else __doc__ + "\ncommands: " + ", ".join(COMMANDS) + " (python eval.py COMMAND --help)\n"
+  return (f"{head}{about}\noptions (EvalConfig), --key=value:\n{train.options_help(EvalConfig, for_command(cmd))}\n\n"
+          f"model overrides (MCConfig in mc.py): the run's config with these fields replaced, the same weights\n"
+          f"{train.options_help(MCConfig, default='the run')}")
+
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
-    opts = " ".join(f"--{k}" for k in train._hints(EvalConfig))
-    print(f"{__doc__}\ncommands: {', '.join(COMMANDS)}\noptions: {opts}, and any MCConfig field")
+    print(usage())
     return 0 if argv else 2
+  if {"-h", "--help"} & set(argv[1:]) and argv[0] in COMMANDS:
+    print(usage(argv[0]))
+    return 0
   try: evaluate(argv[0], argv[1:])
   except ValueError as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
