@@ -22,3 +22,11 @@ def lazy_gc():
   gc.set_threshold(50000, 20, 100)
   yield
   gc.set_threshold(*threshold)
+
+# ***** the shared smoke run *****
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> dict:
+  # one full run of the smoke preset per pytest session, trained in this process and read by test_train.py and test_eval.py
+  import train
+  return train.train(train.parse_args(["--preset=smoke", f"--out={tmp_path_factory.mktemp('smoke')}", "--name=smoke_run"]))

@@ -12,7 +12,7 @@ or to --out. Timings and comparisons with peers are bench.py's.
 NIAH is scored by exact match of the answer bytes: teacher-forced argmax at every answer position (which equals greedy
 decoding: a wrong byte already fails the example), or with --generate by model.generate at temperature 0.
 """
-import dataclasses, json, math, sys, typing
+import dataclasses, json, math, re, sys, typing
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -38,10 +38,16 @@ class EvalConfig:
   seed: int = 0                        # example generation
   out: str = ""                        # write the JSON here instead of the run folder
 
-def load(ec:EvalConfig, overrides:dict):
+# the training task each command's run must have: a byte language model or an MQAR recall model
+TASKS = {"ppl": "lm", "niah": "lm", "mqar": "mqar"}
+
+def load(ec:EvalConfig, overrides:dict, cmd:str):
   if not ec.ckpt: raise ValueError("--ckpt=runs/<name> is required")
+  if (task := train.load_config(Path(ec.ckpt)).task) != TASKS[cmd]:
+    how = "python train.py --preset=mqar" if TASKS[cmd] == "mqar" else "e.g. python train.py --preset=smoke"
+    raise ValueError(f"{cmd} needs a run trained with --task={TASKS[cmd]} ({how}); {ec.ckpt} was trained with --task={task}")
   cfg, model = train.load_model(Path(ec.ckpt), **overrides)
-  step = json.loads((train.ckpt_dir(Path(ec.ckpt)) / "state.json").read_text())["step"]
+  step = train.read_state(train.ckpt_dir(Path(ec.ckpt)))["step"]
   print(f"{ec.ckpt} at step {step} | device {Device.DEFAULT} | dtype {cfg.model.dtype} | overrides {overrides or 'none'}")
   return cfg, model
 
@@ -70,8 +76,7 @@ def table(header:list[str], rows:list[list]) -> str:
 
 def ppl(ec:EvalConfig, overrides:dict) -> dict:
   """Validation bits per byte at each length; bpb_beyond counts only the positions past the training length."""
-  cfg, model = load(ec, overrides)
-  if cfg.task != "lm": raise ValueError(f"ppl measures a language model; {ec.ckpt} was trained on task {cfg.task!r}")
+  cfg, model = load(ec, overrides, "ppl")
   val, score, rows = load_corpus(ec.data or cfg.data or None, "val"), train.scorer(model), []
   for L in lengths(ec, cfg):
     if len(val) < L + 1:
@@ -86,7 +91,7 @@ def ppl(ec:EvalConfig, overrides:dict) -> dict:
 
 def niah(ec:EvalConfig, overrides:dict) -> dict:
   """Exact-match accuracy of NIAH-1/2/3 (data/tasks.py, evaluation needles) for every length and depth."""
-  cfg, model = load(ec, overrides)
+  cfg, model = load(ec, overrides, "niah")
   ok = [L for L in lengths(ec, cfg) if L >= niah_min_length()]
   if not ok: raise ValueError(f"NIAH needs lengths >= {niah_min_length()} bytes, got {lengths(ec, cfg)}; give e.g. --lengths=512,1024")
   if skipped := sorted(set(lengths(ec, cfg)) - set(ok)): print(f"skipping lengths {skipped}: shorter than a NIAH example ({niah_min_length()} bytes)")
@@ -112,7 +117,7 @@ def niah(ec:EvalConfig, overrides:dict) -> dict:
 
 def mqar(ec:EvalConfig, overrides:dict) -> dict:
   """Accuracy on the answers of MQAR sequences (data/tasks.py) over a grid of (seq_len, num_kv_pairs)."""
-  cfg, model = load(ec, overrides)
+  cfg, model = load(ec, overrides, "mqar")
   score, rng, rows, n, V = train.scorer(model), np.random.default_rng([ec.seed, 2]), [], ec.limit or 256, cfg.model.vocab
   for T in lengths(ec, cfg):
     for kv in ec.kvs:
@@ -135,6 +140,7 @@ def evaluate(cmd:str, argv:list[str]) -> dict:
   eh, mh = train._hints(EvalConfig), train._hints(MCConfig)
   kv = train.parse_kv(argv, {**eh, **mh})
   ec, overrides = EvalConfig(**{k: v for k, v in kv.items() if k in eh}), {k: v for k, v in kv.items() if k not in eh}
+  train.check_device()
   with Context(**train.device_defaults()): res = {"command": cmd, "eval": dataclasses.asdict(ec), "overrides": overrides, **COMMANDS[cmd](ec, overrides)}
   if ec.ckpt or ec.out:
     out = Path(ec.out) if ec.out else Path(ec.ckpt) / ("eval_" + "-".join([cmd, *(f"{k}={v}" for k, v in overrides.items())]) + ".json")
@@ -142,16 +148,36 @@ def evaluate(cmd:str, argv:list[str]) -> dict:
     print(f"wrote {out}")
   return res
 
+def for_command(cmd:str|None):
+  # an EvalConfig field whose comment starts "ppl:" or "niah and mqar:" belongs to those commands; one without a prefix to all
+  def keep(k:str, doc:str) -> bool:
+    words = set(re.findall(r"\w+", m[1])) - {"and"} if (m := re.match(r"([a-z, ]+):", doc)) else set()
+    return cmd is None or not words or not words <= set(COMMANDS) or cmd in words
+  return keep
+
+def usage(cmd:str|None=None) -> str:
+  # the docstring (or the command's), then every option with its default and meaning, read from EvalConfig and MCConfig
+  head = f"usage: python eval.py {cmd or '{' + ','.join(COMMANDS) + '}'} [--key=value ...]; the device is tinygrad's DEV=CPU|CUDA|METAL|CL\n"
+  about = f"\n{cmd}: {COMMANDS[cmd].__doc__}\n" if cmd else __doc__ + "\ncommands: " + ", ".join(COMMANDS) + " (python eval.py COMMAND --help)\n"
+  return (f"{head}{about}\noptions (EvalConfig), --key=value:\n{train.options_help(EvalConfig, for_command(cmd))}\n\n"
+          f"model overrides (MCConfig in mc.py): the run's config with these fields replaced, the same weights\n"
+          f"{train.options_help(MCConfig, default='the run')}")
+
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
-    opts = " ".join(f"--{k}" for k in train._hints(EvalConfig))
-    print(f"{__doc__}\ncommands: {', '.join(COMMANDS)}\noptions: {opts}, and any MCConfig field")
+    print(usage())
     return 0 if argv else 2
+  if {"-h", "--help"} & set(argv[1:]) and argv[0] in COMMANDS:
+    print(usage(argv[0]))
+    return 0
   try: evaluate(argv[0], argv[1:])
   except ValueError as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("eval.py: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 if __name__ == "__main__": sys.exit(main())

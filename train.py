@@ -2,6 +2,7 @@
 tinymc training: a memory-caching language model on bytes (or an MQAR recall model), AdamW with warm-up and cosine decay.
 
   python train.py                              # the default preset: swla + grm on the stdlib's source, a few minutes on a GPU
+                                               # (on a 2-core CPU: 17 min to the first step, then ~5 min a step)
   python train.py --preset=smoke               # a tiny run that finishes within a minute on a laptop CPU
   python train.py --core=titans --segment=128  # any TrainConfig or MCConfig field, as --key=value
   python train.py --resume=runs/default        # continue a run exactly where its last checkpoint left it
@@ -14,7 +15,8 @@ state.json (step, data generator state, validation history). A checkpoint is wri
 old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/ (or, between the two renames, in
 ckpt.old/, which loading falls back to).
 """
-import dataclasses, difflib, importlib.metadata, json, math, os, platform, shutil, sys, time, typing
+import dataclasses, difflib, importlib.metadata, inspect, io, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time
+import tokenize, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -53,6 +55,7 @@ class TrainConfig:
   out: str = "runs"           # parent folder of the run folders
   name: str = ""              # run folder <out>/<name>; "" = the preset's name
   resume: str = ""            # a run folder to continue exactly; its config is the base that --key=value changes
+  overwrite: bool = False     # 1 = start afresh in an existing run folder, deleting its checkpoint, log and eval results
 
   def __post_init__(self):
     if self.task not in ("lm", "mqar"): raise ValueError(f"--task={self.task!r}: allowed values are ('lm', 'mqar')")
@@ -62,6 +65,7 @@ class TrainConfig:
     if self.lr <= 0 or self.warmup < 0 or self.grad_clip <= 0 or not 0 <= self.min_lr <= 1:
       raise ValueError(f"need lr > 0, warmup >= 0, grad_clip > 0 and 0 <= min_lr <= 1, got {self.lr}, {self.warmup}, {self.grad_clip}, {self.min_lr}")
     if self.task == "lm" and self.model.vocab < 256: raise ValueError(f"--vocab={self.model.vocab}: task 'lm' reads bytes, needs vocab >= 256")
+    if self.resume and self.overwrite: raise ValueError(f"--resume={self.resume} continues a run; --overwrite=1 would delete it: give one of them")
 
 # Every preset's comment: measured time and final validation result, on named hardware, with the command.
 PRESETS: dict[str, dict] = {
@@ -99,11 +103,39 @@ def parse_kv(argv:list[str], known:dict[str, type]) -> dict[str, typing.Any]:
   for a in argv:
     if not a.startswith("--") or "=" not in a: raise ValueError(f"arguments are --key=value, got {a!r}")
     k, v = a[2:].split("=", 1)
+    if k not in known and k.lower() in ("device", "dev", "gpu", "cuda", "metal", "cpu", "backend"):
+      raise ValueError(f"unknown option --{k}: the device is tinygrad's environment variable, e.g. DEV={v.upper() or 'CPU'} python {sys.argv[0]} ...")
     if k not in known:
       close = difflib.get_close_matches(k, known, n=3)
       raise ValueError(f"unknown option --{k}" + (f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""))
     out[k] = typed(k, v, known[k])
   return out
+
+def field_docs(cls) -> dict[str, tuple[str, str]]:
+  # {field: (default as written in the source, its comment)}: --help reads the one place each option is explained
+  lines, docs = inspect.getsource(cls).splitlines(keepends=True), {}
+  for t in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+    if t.type == tokenize.NAME and t.string == "def": break
+    if t.type == tokenize.COMMENT and (m := re.match(r"\s*(\w+)\s*:[^=]*=(.*)", lines[t.start[0] - 1][:t.start[1]])):
+      docs[m[1]] = (m[2].strip(), t.string.lstrip("# "))
+  return {f.name: docs.get(f.name, (repr(f.default), "")) for f in dataclasses.fields(cls) if f.name != "model"}
+
+def options_help(cls, keep=lambda k, doc: True, default:str|None=None) -> str:
+  # one line per option: --name, its default (or `default` for all), its meaning
+  shown = lambda d: d if d == '""' else d.strip('"') if d[:1] != "(" else d[1:-1].replace(" ", "").rstrip(",") or '""'
+  docs = {k: (default or shown(d), doc) for k, (d, doc) in field_docs(cls).items() if keep(k, doc)}
+  w, v = max(len(k) for k in docs) + 2, max(len(d) for d, _ in docs.values())
+  return "\n".join(f"  {'--' + k:<{w}}  {d:<{v}}  {doc}" for k, (d, doc) in docs.items())
+
+def usage() -> str:
+  # the docstring, the presets with their comments and values, then every option with its default and meaning
+  src = Path(__file__).read_text()
+  notes = dict((k, c) for c, k in re.findall(r'^  # (.*)\n  "(\w+)": dict\(', src[src.index("PRESETS: dict"):], re.M))
+  presets = "\n".join(f"  {k:<8} {notes.get(k, '')}\n  {'':<8} " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+  return (f"usage: python train.py [--preset=NAME] [--key=value ...]; the device is tinygrad's DEV=CPU|CUDA|METAL|CL\n{__doc__}\n"
+          f"presets (--preset=NAME, default \"default\"): their values go over the defaults below, --key=value over both\n{presets}\n\n"
+          f"training options (TrainConfig), --key=value:   default   meaning\n{options_help(TrainConfig)}\n\n"
+          f"model options (MCConfig in mc.py), --key=value:   default   meaning\n{options_help(MCConfig)}")
 
 def configure(base:TrainConfig, overrides:dict) -> TrainConfig:
   # set TrainConfig and MCConfig fields by name (both validate themselves)
@@ -118,16 +150,41 @@ def parse_args(argv:list[str]) -> TrainConfig:
   if preset not in PRESETS: raise ValueError(f"unknown preset --preset={preset!r}: allowed values are {tuple(PRESETS)}")
   if kv.get("resume"):
     # a resumed run keeps its config; a preset given again must agree with it on the model (train() checks)
-    return configure(load_config(Path(kv["resume"])), {"stop_at": 0, **(PRESETS[preset] if "preset" in kv else {}), **kv})
+    return configure(load_config(Path(kv["resume"])), {"stop_at": 0, "overwrite": False, **(PRESETS[preset] if "preset" in kv else {}), **kv})
   return configure(TrainConfig(), {**PRESETS[preset], **kv})
+
+def read_json(p:Path) -> typing.Any:
+  try: return json.loads(p.read_bytes())
+  except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+def from_json(cls, d:dict, p:Path):
+  # a dataclass from a JSON object whose keys and value types must match its fields
+  hints = _hints(cls)
+  if unknown := sorted(set(d) - set(hints) - {"model"}): raise ValueError(f"{p}: unknown fields {unknown} (not a tinymc run config?)")
+  for k, v in d.items():
+    h = hints.get(k)
+    ok = {bool: lambda: type(v) is bool, int: lambda: type(v) is int, float: lambda: type(v) in (int, float), str: lambda: type(v) is str}
+    if h in ok and not ok[h](): raise ValueError(f"{p}: {k}={v!r} is not of type {h.__name__}")
+  try: return cls(**d)
+  except (TypeError, ValueError) as e: raise ValueError(f"{p}: {e}") from None
 
 def load_config(run:Path) -> TrainConfig:
   p = Path(run) / "config.json"
   if not p.is_file(): raise ValueError(f"{run}: no run there ({p} is missing)")
-  d = json.loads(p.read_text())
-  return TrainConfig(**{**d, "model": MCConfig(**d["model"])})
+  d = read_json(p)
+  if not isinstance(d, dict) or not isinstance(d.get("model"), dict): raise ValueError(f"{p}: not a tinymc run config (no \"model\" object)")
+  return from_json(TrainConfig, {**d, "model": from_json(MCConfig, d["model"], p)}, p)
 
 # ***** device and data *****
+
+def check_device():
+  # tinygrad opens a device on first use: probe it before anything is written, so a missing one is one line, not a traceback
+  try: Device[Device.DEFAULT]
+  except Exception as e:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    other = ", ".join(f"DEV={d}" for d in ("CUDA", "METAL", "CL") if d != Device.DEFAULT)
+    raise ValueError(f"DEV={os.environ.get('DEV', Device.DEFAULT)}: the {Device.DEFAULT} device is not available here ({why}); "
+                     f"try DEV=CPU (it needs clang), or {other} where this machine has one") from None
 
 def check_dtype(dtype:str):
   if not kernels.supported(dtype): raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
@@ -214,16 +271,23 @@ def save_tensors(tensors:dict[str, Tensor], path:Path, metadata:dict[str, str]):
     for a in arrs.values(): f.write(np.ascontiguousarray(a).tobytes())
 
 def read_tensors(path:Path) -> dict[str, tuple[np.ndarray, typing.Any]]:
-  # {name: (array, tinygrad dtype)}; bfloat16 arrays come back as their uint16 bits
+  # {name: (array, tinygrad dtype)}; bfloat16 arrays come back as their uint16 bits. A truncated or foreign file is named.
+  if not path.is_file(): raise ValueError(f"{path}: missing (an incomplete checkpoint?)")
   raw, names = path.read_bytes(), {v: k for k, v in ST_DTYPES.items()}
-  n = int.from_bytes(raw[:8], "little")
-  out = {}
-  for k, h in json.loads(raw[8:8 + n]).items():
-    if k == "__metadata__": continue
-    dt = names[h["dtype"]]
-    np_dt = np.uint16 if dt == dtypes.bfloat16 else np.bool_ if dt == dtypes.bool else np.dtype(dt.fmt)
-    a, b = h["data_offsets"]
-    out[k] = (np.frombuffer(raw, np_dt, (b - a) // np.dtype(np_dt).itemsize, 8 + n + a).reshape(h["shape"]), dt)
+  n, out = int.from_bytes(raw[:8], "little"), {}
+  try:
+    if len(raw) < 8 or 8 + n > len(raw): raise ValueError(f"its header needs {8 + n} bytes, the file has {len(raw)}")
+    for k, h in json.loads(raw[8:8 + n]).items():
+      if k == "__metadata__": continue
+      if h["dtype"] not in names: raise ValueError(f"{k} has dtype {h['dtype']!r}, not one of {sorted(names)}")
+      dt = names[h["dtype"]]
+      np_dt = np.dtype(np.uint16 if dt == dtypes.bfloat16 else np.bool_ if dt == dtypes.bool else dt.fmt)
+      a, b = h["data_offsets"]
+      if b - a != math.prod(h["shape"]) * np_dt.itemsize or 8 + n + b > len(raw):
+        raise ValueError(f"{k} needs bytes {8 + n + a}..{8 + n + b} of {len(raw)} for shape {h['shape']}")
+      out[k] = (np.frombuffer(raw, np_dt, (b - a) // np_dt.itemsize, 8 + n + a).reshape(h["shape"]), dt)
+  except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a complete safetensors file ({type(e).__name__}: {e}); truncated or foreign?") from None
   return out
 
 def ckpt_dir(run:Path) -> Path:
@@ -231,6 +295,16 @@ def ckpt_dir(run:Path) -> Path:
   for d in (run / "ckpt", run / "ckpt.old"):
     if (d / "state.json").is_file(): return d
   raise ValueError(f"{run}: no checkpoint there (no ckpt/state.json)")
+
+STATE_KEYS = ("step", "data", "val", "best_val", "train_time_s", "tokens")
+
+def read_state(ck:Path) -> dict:
+  # a checkpoint's state.json: the step, the data generator's state, the validation history, the clock
+  state = read_json(p := ck / "state.json")
+  if not isinstance(state, dict) or (missing := [k for k in STATE_KEYS if k not in state]):
+    raise ValueError(f"{p}: lacks {missing if isinstance(state, dict) else list(STATE_KEYS)} (not a tinymc checkpoint?)")
+  if type(state["step"]) is not int or state["step"] < 0: raise ValueError(f"{p}: step={state['step']!r} is not a step number")
+  return state
 
 def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
   tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
@@ -245,10 +319,13 @@ def save_ckpt(run:Path, model:Model, opt:OptimizerGroup, state:dict):
   os.replace(tmp, cur)
   shutil.rmtree(old, ignore_errors=True)
 
-def load_tensors(obj, path:Path):
-  # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error
+def load_tensors(obj, path:Path, strict:bool=True):
+  # every tensor of obj (a model or optim_state dict) from a safetensors file; missing or misshapen ones are a clear error, and
+  # so are extra ones if strict (a model read with other MCConfig fields, e.g. agg=mean of a grm model, may use fewer)
   sd, want = read_tensors(path), obj if isinstance(obj, dict) else get_state_dict(obj)
   if missing := sorted(set(want) - set(sd)): raise ValueError(f"{path}: lacks {missing[:5]} (saved from a different config?)")
+  if strict and (extra := sorted(set(sd) - set(want))):
+    raise ValueError(f"{path}: has {extra[:5]} that this model lacks (saved from a different config?)")
   for k, t in want.items():
     if t.shape != sd[k][0].shape: raise ValueError(f"{path}: {k} has shape {sd[k][0].shape}, the model needs {t.shape} (saved from a different config?)")
   for k, t in want.items():
@@ -260,9 +337,10 @@ def load_model(run:Path, **overrides) -> tuple[TrainConfig, Model]:
   """The model of a run folder with its last checkpoint's weights; overrides replace MCConfig fields (e.g. agg="mean")."""
   cfg = load_config(run)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
+  check_device()
   check_dtype(cfg.model.dtype)
   model = Model(cfg.model)
-  load_tensors(model, ckpt_dir(Path(run)) / "model.safetensors")
+  load_tensors(model, ckpt_dir(Path(run)) / "model.safetensors", strict=not overrides)
   return cfg, model
 
 def lr_at(cfg:TrainConfig, step:int) -> float:
@@ -293,34 +371,65 @@ def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
     return loss, gnorm
   return step
 
+class Interrupted(Exception):
+  """SIGINT or SIGTERM stopped a run: a checkpoint of the step reached was written, or the step under way was abandoned."""
+  def __init__(self, signum:int, line:str):
+    super().__init__(line)
+    self.signum = signum
+
+def check_new_run(run:Path, overwrite:bool):
+  # a new run never replaces a run folder that holds a checkpoint or a log unless --overwrite=1 asks it to
+  ckpt = any((run / d).is_dir() for d in ("ckpt", "ckpt.old"))
+  if (ckpt or (run / "log.txt").is_file() and (run / "log.txt").stat().st_size) and not overwrite:
+    cont = f"continue it with --resume={run}, " if ckpt else ""
+    raise ValueError(f"{run} already holds a run ({'a checkpoint' if ckpt else 'a log, no checkpoint'}): {cont}"
+                     "replace it with --overwrite=1, or give another --name")
+
+def clear_run(run:Path):
+  # a new run's folder: the old run's checkpoints, log and eval results (which describe another model) go
+  run.mkdir(parents=True, exist_ok=True)
+  for d in ("ckpt", "ckpt.old", "ckpt.tmp"): shutil.rmtree(run / d, ignore_errors=True)
+  for f in run.glob("eval_*.json"): f.unlink()
+  (run / "log.txt").write_text("")
+
+def trim_log(log:Path, step:int):
+  # a run killed after its last checkpoint logged steps that the resumed run replays: drop them, so each step is logged once
+  lines = log.read_text().splitlines(keepends=True) if log.is_file() else []
+  keep = [ln for ln in lines if not ((m := re.match(r"(?:step|val) +(\d+)/", ln)) and int(m[1]) > step)]
+  if len(keep) < len(lines):
+    log.with_suffix(".tmp").write_text("".join(keep))
+    os.replace(log.with_suffix(".tmp"), log)
+
 def train(cfg:TrainConfig) -> dict:
-  """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed."""
+  """Train (or resume) the run cfg describes. Returns its run folder, the losses of the steps run here, the validations, speed.
+  SIGINT or SIGTERM (in the main thread) checkpoints the step reached and raises Interrupted."""
   with Context(**device_defaults()): return _train(cfg)
 
 def _train(cfg:TrainConfig) -> dict:
+  # everything is checked before the run folder is touched: device, dtype, folder, config, data, and a resumed checkpoint's files
+  check_device()
   check_dtype(cfg.model.dtype)
   run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or cfg.preset)
   if cfg.resume and (saved := load_config(run).model) != cfg.model:
     diff = [f.name for f in dataclasses.fields(MCConfig) if getattr(saved, f.name) != getattr(cfg.model, f.name)]
     raise ValueError(f"--resume={run}: the checkpoint's model has " + ", ".join(f"{k}={getattr(saved, k)!r}" for k in diff) +
                      "; this run asks for " + ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in diff))
+  if not cfg.resume: check_new_run(run, cfg.overwrite)
   data, val = make_data(cfg)
   Tensor.manual_seed(cfg.seed)
   model = Model(cfg.model)
   params, opt = get_state_dict(model), make_optimizer(model, cfg)
   state = {"step": 0, "data": None, "val": [], "best_val": None, "train_time_s": 0.0, "tokens": 0}
   if cfg.resume:
-    ck = ckpt_dir(run)
+    state = read_state(ck := ckpt_dir(run))
     load_tensors(model, ck / "model.safetensors")
     load_tensors(optim_state(opt), ck / "optim.safetensors")
-    state = json.loads((ck / "state.json").read_text())
-    data.load_state(state["data"])
-  else:
-    run.mkdir(parents=True, exist_ok=True)
-    for d in ("ckpt", "ckpt.old", "ckpt.tmp"): shutil.rmtree(run / d, ignore_errors=True)
-    (run / "log.txt").write_text("")
+    try: data.load_state(state["data"])
+    except Exception as e: raise ValueError(f"{ck / 'state.json'}: its data position does not fit this run ({type(e).__name__}: {e})") from None
   # realized buffers from the first step on, so the first call compiles the same graph that the jit captures and replays
   Tensor.realize(*params.values(), *optim_state(opt).values())
+  if cfg.resume: trim_log(run / "log.txt", state["step"])
+  else: clear_run(run)
   conf = dataclasses.asdict(cfg)
   (run / "config.json").write_text(json.dumps(conf, indent=1))
   def say(line:str, echo:bool=True):
@@ -335,6 +444,7 @@ def _train(cfg:TrainConfig) -> dict:
 
   step = make_step(model, opt, cfg.grad_clip)
   score, end, B, L = scorer(model), cfg.stop_at or cfg.steps, cfg.batch_size, cfg.seq_len
+  resume = f"python train.py --resume={shlex.quote(str(run))}"
   def evaluate(s:int):
     v = validate(score, val)
     state["val"].append({"step": s, **v})
@@ -343,45 +453,69 @@ def _train(cfg:TrainConfig) -> dict:
   def checkpoint(s:int):
     state.update(step=s, data=data.state())
     save_ckpt(run, model, opt, state)
+  def last_ckpt() -> str:
+    try: return f"the last good checkpoint is {(ck := ckpt_dir(run))} (step {read_state(ck)['step']})"
+    except ValueError: return "no checkpoint was written yet"
 
-  losses, dts, s = [], [], state["step"]
-  if not cfg.resume: evaluate(0)
-  bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
-  while s < end:
-    x, y = data.next()
-    t0 = time.perf_counter()
-    lr = lr_at(cfg, s)
-    for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
-    loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
-    dt = time.perf_counter() - t0
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      bar.close()
-      try: last = f"the last good checkpoint is {(ck := ckpt_dir(run))} (step {json.loads((ck / 'state.json').read_text())['step']})"
-      except ValueError: last = "no checkpoint was written yet"
-      say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last}. Try a lower --lr or --dtype=float32.")
-      raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last}")
-    s += 1
-    losses.append(loss)
-    dts.append(dt)
-    state["train_time_s"] += dt
-    state["tokens"] += B * L
-    say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
-    bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
-    bar.update(1)
-    # validation and checkpoints are off the clock: train_time_s only counts steps
-    if s % cfg.eval_every == 0 or s == end: evaluate(s)
-    if s % cfg.ckpt_every == 0 or s == end: checkpoint(s)
-  bar.close()
+  # SIGINT or SIGTERM: the step under way finishes, its checkpoint is written, and the run stops; a second signal abandons the step
+  stop: list[int] = []
+  def on_signal(signum, frame):
+    stop.append(signum)
+    if len(stop) > 1: raise KeyboardInterrupt
+    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step to checkpoint it (send it again to abandon the step)\n")
+  main = threading.current_thread() is threading.main_thread()   # only the main thread may take signals
+  handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+  losses, dts, s, saved = [], [], state["step"], state["step"] if cfg.resume else None
+  try:
+    if not cfg.resume: evaluate(0)
+    bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
+    while s < end and not stop:
+      x, y = data.next()
+      t0 = time.perf_counter()
+      lr = lr_at(cfg, s)
+      for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
+      loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
+      dt = time.perf_counter() - t0
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        bar.close()
+        say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last_ckpt()}. Try a lower --lr or --dtype=float32.")
+        raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last_ckpt()}")
+      s += 1
+      losses.append(loss)
+      dts.append(dt)
+      state["train_time_s"] += dt
+      state["tokens"] += B * L
+      say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
+      bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
+      bar.update(1)
+      # validation and checkpoints are off the clock: train_time_s only counts steps
+      if s % cfg.eval_every == 0 or s == end: evaluate(s)
+      if s % cfg.ckpt_every == 0 or s == end: checkpoint(saved := s)
+    bar.close()
+    if stop:
+      if saved != s: checkpoint(saved := s)
+      say(f"{signal.Signals(stop[0]).name} at step {s} of {cfg.steps}: checkpoint written; continue with: {resume}")
+      raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} at step {s}")
+  except (Exception, KeyboardInterrupt) as e:
+    # a second signal, or an error caused by the first (a Ctrl-C also reaches the compiler's process), abandons the step under
+    # way: the last complete checkpoint stays
+    if not stop or isinstance(e, Interrupted): raise
+    nxt = f"continue with: {resume}" if "no checkpoint" not in (last := last_ckpt()) else "start the run again with --overwrite=1"
+    say(f"{signal.Signals(stop[0]).name} during step {s + 1}: abandoned it; {last}; {nxt}")
+    raise Interrupted(stop[0], f"stopped by {signal.Signals(stop[0]).name} during step {s + 1}") from None
+  finally:
+    for sig, h in handlers.items(): signal.signal(sig, h)
   # speed once compiled: the jit's first two calls build and capture the graph
-  tps = B * L * len(dts[2:]) / sum(dts[2:]) if len(dts) > 2 else float("nan")
+  tps = B * L * len(dts[2:]) / sum(dts[2:]) if len(dts) > 2 else None
+  speed = f"tok/s {tps:,.0f} after compiling" if tps else "tok/s n/a (under 3 steps: the first two compile)"
   bpb = f"{state['val'][0]['bpb']:.4f} -> {state['val'][-1]['bpb']:.4f}"
-  say(f"done {run} | step {s} | train time {state['train_time_s']:.1f}s | tok/s {tps:,.0f} after compiling | val bpb {bpb}")
+  say(f"done {run} | step {s} | train time {state['train_time_s']:.1f}s | {speed} | val bpb {bpb}")
   return {"run": str(run), "step": s, "losses": losses, "val": state["val"], "train_time_s": state["train_time_s"], "tok_s": tps}
 
 def main(argv:list[str]|None=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if argv and argv[0] in ("-h", "--help"):
-    print(__doc__ + "\npresets: " + ", ".join(PRESETS) + "\noptions: " + " ".join(f"--{k}" for k in {**_hints(TrainConfig), **_hints(MCConfig)}))
+  if {"-h", "--help"} & set(argv):
+    print(usage())
     return 0
   try:
     cfg = parse_args(argv)
@@ -393,6 +527,11 @@ def main(argv:list[str]|None=None) -> int:
   except FloatingPointError as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 1
+  except Interrupted as e:
+    return 128 + e.signum
+  except KeyboardInterrupt:
+    print("train.py: interrupted before the first step; no checkpoint was written", file=sys.stderr)
+    return 130
   print(f"wall time {time.perf_counter() - t0:.1f}s (with compilation and validation)")
   return 0
 

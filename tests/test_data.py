@@ -1,10 +1,8 @@
 """Tests of data/: the byte corpora, the random windows, MQAR and NIAH. Pure numpy, a couple of seconds on CPU."""
-import json, re, sys, uuid
-from pathlib import Path
+import json, re, uuid
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest was started
 from data.corpus import SEP, Batches, load_corpus, split_of, stdlib_files, stdlib_root
 from data.tasks import IGNORE, NOISE, mqar_batch, niah_batches, niah_example, niah_min_length
 

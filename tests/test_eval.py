@@ -1,22 +1,30 @@
-"""Tests of eval.py on the CPU, on the smoke run that test_train.py trains (one per pytest process, shared)."""
-import json, sys
+"""Tests of eval.py on the CPU, on the smoke run (conftest.py's `smoke_run`, one per pytest session, shared with test_train.py),
+and of the README's "Use it from Python" example on the same run."""
+import json, re, shlex, shutil
 from pathlib import Path
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest was started
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval as ev
 import train
 from data import IGNORE
 from mc import Model
-from test_train import smoke_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # the smoke run's validation batch shape (batch 4 at its training length, 128), and 2x / 4x that length, so the graphs repeat
 B = train.PRESETS["smoke"]["batch_size"]
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> str: return smoke_run(tmp_path_factory)["run"]
+def run(smoke_run) -> str: return smoke_run["run"]
+
+@pytest.fixture(scope="module")
+def mqar_run(run, tmp_path_factory) -> str:
+  # the smoke run's weights under task=mqar: an MQAR run of the same shapes (keys from [1, 128), values from [128, 256))
+  out = tmp_path_factory.mktemp("mqar") / "mqar"
+  shutil.copytree(run, out)
+  cfg = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**cfg, "task": "mqar"}))
+  return str(out)
 
 def test_ppl(run):
   res = ev.evaluate("ppl", [f"--ckpt={run}", "--limit=4", f"--batch={B}"])
@@ -34,13 +42,13 @@ def test_niah(run):
   assert len(res["rows"]) == 9 and all(0.0 <= r["acc"] <= 1.0 for r in res["rows"])
   assert (Path(run) / "eval_niah.json").is_file()
 
-def test_niah_and_mqar_scoring(run, monkeypatch):
+def test_niah_and_mqar_scoring(run, mqar_run, monkeypatch):
   # with an oracle in place of the model, every answer is right: the scored positions are exactly the answers
   oracle = lambda x, y: (np.where(y != IGNORE, y, 0) if (y != 0).any() else np.roll(x, -1, axis=1), np.zeros(x.shape, np.float32))
   monkeypatch.setattr(train, "scorer", lambda model: oracle)
   res = ev.evaluate("niah", [f"--ckpt={run}", "--limit=3", "--lengths=300,400", "--depths=0,0.3,1"])
   assert all(r["acc"] == 1.0 for r in res["rows"]) and len(res["rows"]) == 3 * 2 * 3
-  res = ev.evaluate("mqar", [f"--ckpt={run}", "--limit=8", "--lengths=64,128", "--kvs=4,8,20"])
+  res = ev.evaluate("mqar", [f"--ckpt={mqar_run}", "--limit=8", "--lengths=64,128", "--kvs=4,8,20"])
   assert [r["acc"] for r in res["rows"]] == [1.0, 1.0, None, 1.0, 1.0, 1.0]
   # --generate: a decoder that knows every answer it was asked for scores 1, one that answers zeros scores 0
   made, real = {}, ev.niah_example
@@ -58,9 +66,8 @@ def test_niah_and_mqar_scoring(run, monkeypatch):
   monkeypatch.setattr(train, "scorer", lambda model: lambda x, y: (x, np.zeros(x.shape, np.float32)))
   assert all(r["acc"] == 0.0 for r in ev.evaluate("niah", [f"--ckpt={run}", "--limit=2", "--lengths=300", "--tasks=1"])["rows"])
 
-def test_mqar(run):
-  # the byte model has vocab 256: keys from [1, 128), values from [128, 256)
-  res = ev.evaluate("mqar", [f"--ckpt={run}", "--limit=8", f"--batch={B}", "--mults=1", "--kvs=4,8"])
+def test_mqar(mqar_run):
+  res = ev.evaluate("mqar", [f"--ckpt={mqar_run}", "--limit=8", f"--batch={B}", "--mults=1", "--kvs=4,8"])
   assert [(r["seq_len"], r["kv"]) for r in res["rows"]] == [(128, 4), (128, 8)] and all(0.0 <= r["acc"] <= 1.0 for r in res["rows"])
 
 def test_bad_input(run, capsys, tmp_path):
@@ -70,3 +77,60 @@ def test_bad_input(run, capsys, tmp_path):
   assert ev.main(["ppl", f"--ckpt={tmp_path}"]) == 2 and "no run there" in capsys.readouterr().err
   # weights of another shape: refused with the tensor's name
   assert ev.main(["ppl", f"--ckpt={run}", "--dim=32"]) == 2 and "shape" in capsys.readouterr().err
+
+def test_task_mismatch(run, mqar_run, capsys):
+  # mqar scores a recall model, ppl and niah a language model: the other kind of run is refused, naming both tasks
+  assert ev.main(["mqar", f"--ckpt={run}"]) == 2
+  assert "mqar needs a run trained with --task=mqar" in (err := capsys.readouterr().err) and "--task=lm" in err and err.count("\n") == 1
+  for cmd in ("ppl", "niah"):
+    assert ev.main([cmd, f"--ckpt={mqar_run}"]) == 2
+    assert f"{cmd} needs a run trained with --task=lm" in (err := capsys.readouterr().err) and "--task=mqar" in err
+
+def test_corrupt_run(run, tmp_path, capsys):
+  bad = tmp_path / "bad"
+  shutil.copytree(run, bad)
+  (bad / "ckpt/model.safetensors").write_bytes((bad / "ckpt/model.safetensors").read_bytes()[:1000])
+  assert ev.main(["ppl", f"--ckpt={bad}"]) == 2 and "model.safetensors: not a complete safetensors file" in capsys.readouterr().err
+  (bad / "config.json").write_text("garbage")
+  assert ev.main(["ppl", f"--ckpt={bad}"]) == 2 and "config.json: not valid JSON" in capsys.readouterr().err
+
+def test_help(capsys):
+  # eval.py --help and each command's --help: every option that applies, with its default and its EvalConfig comment
+  assert ev.main(["--help"]) == 0 and "issue" not in (out := capsys.readouterr().out) and "SPEC" not in out
+  for k, (_, doc) in train.field_docs(ev.EvalConfig).items(): assert re.search(rf"^  --{k} +\S+ +{re.escape(doc)}$", out, re.M), k
+  for cmd in ("ppl", "niah", "mqar"):
+    assert ev.main([cmd, "--ckpt=runs/x", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python eval.py {cmd} ") and ev.COMMANDS[cmd].__doc__ in out and "--agg" in out
+    assert re.search(r"^  --limit +0 +examples per cell", out, re.M) and re.search(r"^  --batch +8 +sequences per forward pass$", out, re.M)
+  assert re.search(r"^  --mults +1,2,4 +ppl, niah, mqar: lengths", out, re.M) and "--depths" not in out and "--kvs" in out
+
+def test_readme_python(run, monkeypatch):
+  # the README's "Use it from Python" example, run as written on the smoke run
+  code = re.search(r"## Use it from Python\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
+  assert '"runs/smoke"' in code
+  out = {}
+  exec(code.replace('"runs/smoke"', repr(run)), out)
+  assert 1.0 < out["bpb"] < 8.0 and out["y"].shape == out["q"].shape and np.isfinite(out["y"].numpy()).all()
+
+def test_readme_commands():
+  # the Quick start's commands in order on a fresh clone: every option parses, every --ckpt=runs/<name> was trained by a command
+  # above it with the task its command needs, no name is trained twice; CPU commands carry their time, GPU ones say GPU
+  text = (ROOT / "README.md").read_text()
+  made, n = {}, 0
+  for block in re.findall(r"```bash\n(.*?)```", text[text.index("## Quick start"):text.index("## Use it from Python")], re.S):
+    for line in block.splitlines():
+      for cmd in line.split("#")[0].split("&&"):
+        words = [w for w in shlex.split(cmd) if not re.fullmatch(r"[A-Z]+=\S*", w)]
+        if words[:1] != ["python"]: continue
+        n += 1
+        assert re.search(r"# (GPU\b|CPU: \d)", line) and ("DEV=CUDA" in line) == ("# GPU" in line), line
+        if words[1] == "train.py":
+          cfg = train.parse_args(words[2:])
+          assert not cfg.resume and (run := str(Path(cfg.out) / (cfg.name or cfg.preset))) not in made, line
+          made[run] = cfg.task
+        else:
+          assert words[1] == "eval.py" and words[2] in ev.TASKS, line
+          kv = train.parse_kv(words[3:], {**train._hints(ev.EvalConfig), **train._hints(train.MCConfig)})
+          assert made.get(kv["ckpt"]) == ev.TASKS[words[2]], line
+  assert n >= 10 and {"runs/smoke", "runs/none", "runs/default", "runs/mqar"} <= set(made)
