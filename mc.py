@@ -426,66 +426,122 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
     st.update(entries=E, **{x: fresh[x] for x in fresh if x in ("ksum", "n") or (indep and x not in ("t", "entries"))})
   return y, st
 
-# ***** the layer, block and model *****
+# ***** the token mixers, the block and the model *****
 
 # a projection: weights stay float32, math in the activation dtype. Its output's gradient gets a buffer of its own: else tinygrad
 # folds the elementwise backward that follows (conv, SiLU, L2 norm, gates) into each matmul reading it, once per output element
 def _lin(x:Tensor, w:Tensor) -> Tensor: return (x @ w.cast(x.dtype)).contiguous_backward()
-def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-scale / math.sqrt(fan_in), high=scale / math.sqrt(fan_in))
-def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor: return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
+def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor:
+  return Tensor.uniform(*shape, low=-scale / math.sqrt(fan_in), high=scale / math.sqrt(fan_in))
+def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor:
+  return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
+def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
 GATE_BIAS = {"a": 4.6, "b": 0.0, "l": 0.0, "e": -2.2}
 
-def rope(x:Tensor, pos:int, theta:float) -> Tensor:
-  # rotary position embedding on (B,H,L,D), positions pos..pos+L-1, rotating the two halves of D
-  B, H, L, D = x.shape
-  freq = theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)
-  ang = np.arange(pos, pos + L, dtype=np.float64)[:, None] * freq[None]
-  cos, sin = Tensor(np.cos(ang).astype(np.float32), device=x.device).cast(x.dtype), Tensor(np.sin(ang).astype(np.float32), device=x.device).cast(x.dtype)
-  x1, x2 = x[..., :D // 2], x[..., D // 2:]
-  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-class Block:
-  """x -> RMSNorm -> q,k,v -> causal depthwise conv -> SiLU -> heads, L2-normalised q,k -> gates -> memory_mix -> per-head RMSNorm
-  -> times SiLU(x Wgate) -> Wo -> residual; then a SwiGLU MLP with pre-RMSNorm and a residual (SPEC section 5).
-  mixer="attn" swaps memory_mix for causal softmax attention with RoPE on plain projections (no conv, no L2 norm)."""
+class Memory:
+  """Memory caching on the projections x Wqkv: causal depthwise conv -> SiLU -> heads, L2-normalised q, k -> the connector u and the
+  per-head gates -> memory_mix (B,H,L,D)."""
   def __init__(self, cfg:MCConfig):
     self.cfg, dim, H = cfg, cfg.dim, cfg.n_heads
-    D, hidden = dim // H, -(-int(cfg.mlp_mult * dim) // 32) * 32
-    self.norm1, self.norm2, self.onorm = Tensor.ones(dim), Tensor.ones(dim), Tensor.ones(D)
-    self.wqkv, self.wgate, self.wo = _init(dim, dim, 3 * dim), _init(dim, dim, dim), _init(dim, dim, dim, scale=1 / math.sqrt(2 * cfg.n_layers))
-    self.w1, self.w3, self.w2 = _init(dim, dim, hidden), _init(dim, dim, hidden), _init(hidden, hidden, dim, scale=1 / math.sqrt(2 * cfg.n_layers))
-    if cfg.mixer == "attn": return
     if cfg.conv: self.conv = _init(cfg.conv, cfg.conv, 3 * dim)
-    if not cfg.share_uq and cfg.agg in ("grm", "soup", "ssc"): self.wu = _init(dim, dim, dim)
+    if not cfg.share_uq and AGG[cfg.agg].routed: self.wu = _init(dim, dim, dim)
     self.gate_names = GATES[cfg.core]
     if self.gate_names:
       self.wg = _init(dim, dim, len(self.gate_names) * H, scale=0.1)
       self.bg = Tensor(np.repeat([GATE_BIAS[g] for g in self.gate_names], H).astype(np.float32))
-    if cfg.core in ("dla", "titans"):
-      E = cfg.mem_expand * D
-      self.W1, self.W2 = _init(E, H, D, E), _init(D, H, E, D)
+    # a deep memory's learned initial weights W0, its state at the start of the sequence (and of every independent segment)
+    D, E = dim // H, cfg.mem_expand * (dim // H)
+    self.W0 = {"W1": _init(E, H, D, E), "W2": _init(D, H, E, D)} if cfg.core in DEEP else None
 
-  def _heads(self, x:Tensor) -> Tensor: return x.reshape(*x.shape[:2], self.cfg.n_heads, -1).transpose(1, 2)   # (B,L,dim) -> (B,H,L,D)
-
-  def _qkvug(self, h:Tensor, qkv:Tensor):
+  def _inputs(self, h:Tensor, qkv:Tensor):
     # post-conv q,k,v (B,L,3dim) -> heads, L2-normalised q,k, the connector u and the gates, all (B,H,L,...)
-    q, k, v = (self._heads(x) for x in qkv.silu().chunk(3, dim=-1))
+    H = self.cfg.n_heads
+    q, k, v = (_heads(x, H) for x in qkv.silu().chunk(3, dim=-1))
     q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
-    u = self._heads(_lin(h, self.wu)) if hasattr(self, "wu") else q
-    gates = {}
-    if self.gate_names:
-      g = (_lin(h, self.wg).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), self.cfg.n_heads)
-      gates = {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # (B,H,L)
-    return q, k, v, u, gates
+    u = _heads(_lin(h, self.wu), H) if hasattr(self, "wu") else q                            # Eq. 10: u_t = x_t W_u, or q_t
+    if not self.gate_names: return q, k, v, u, {}
+    g = (_lin(h, self.wg).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
+    return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
 
-  def _init_mem(self): return {"W1": self.W1, "W2": self.W2} if self.cfg.core in ("dla", "titans") else None
+  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
+    if self.cfg.conv:
+      # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
+      w, L = self.cfg.conv, qkv.shape[1]
+      xp = qkv.pad((None, (w - 1, 0), None))
+      qkv = sum(xp[:, i:i + L] * self.conv[i].cast(qkv.dtype) for i in range(w))
+    return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0)
+
+  def init_state(self, B:int) -> dict:
+    dim, H = self.cfg.dim, self.cfg.n_heads
+    return {"conv": Tensor.zeros(B, max(self.cfg.conv - 1, 0), 3 * dim), "mem": mem_init(self.cfg, B, H, dim // H, self.W0)}
+
+  def jittable(self, t:int) -> bool:
+    # the same kernels as the step before, except where the cache changes (a segment's ends) or a deep core's chunk starts
+    C = self.cfg.segment
+    return t % C not in (0, C - 1) and not (self.cfg.core in DEEP and t % self.cfg.chunk == 0)
+
+  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
+    # one token (B,1,...) with the recurrent state -> y (B,H,1,D)
+    conv = st["conv"]
+    if self.cfg.conv:
+      window = conv.cast(qkv.dtype).cat(qkv, dim=1)                          # (B, w, 3dim): the last w inputs
+      conv, qkv = window[:, 1:], (window * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
+    q, k, v, u, gates = self._inputs(h, qkv)
+    y, mem = mem_step(st["mem"], *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0)
+    return y.unsqueeze(2).cast(h.dtype), {"conv": conv, "mem": mem}
+
+def rope(x:Tensor, pos:int, theta:float) -> Tensor:
+  # rotary position embedding on (B,H,L,D), positions pos..pos+L-1, rotating the two halves of D
+  L, D = x.shape[2:]
+  ang = np.arange(pos, pos + L, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)[None]
+  cos, sin = (Tensor(f(ang).astype(np.float32), device=x.device).cast(x.dtype) for f in (np.cos, np.sin))
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+class Attention:
+  """Causal softmax attention with RoPE on the plain projections x Wqkv (no conv, no L2 norm): the Transformer baseline."""
+  def __init__(self, cfg:MCConfig): self.cfg = cfg
+  def init_state(self, B:int) -> dict: return {"pos": 0, "k": None, "v": None}
+  # the key/value cache grows every token, and with it every step's shapes: nothing to replay
+  def jittable(self, t:int) -> bool: return False
+
+  def _qkv(self, qkv:Tensor, pos:int) -> list[Tensor]:
+    q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
+    return [rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta), v]
+
+  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
+    q, k, v = self._qkv(qkv, 0)
+    return q.scaled_dot_product_attention(k, v, is_causal=True)
+
+  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
+    q, k, v = self._qkv(qkv, st["pos"])
+    if st["k"] is not None: k, v = st["k"].cat(k, dim=2), st["v"].cat(v, dim=2)
+    return q.scaled_dot_product_attention(k, v), {"pos": st["pos"] + 1, "k": k, "v": v}
+
+MIXERS = {"mc": Memory, "attn": Attention}
+
+class Block:
+  """x -> RMSNorm -> x Wqkv -> the token mixer -> per-head RMSNorm -> times SiLU(x Wgate) -> Wo -> residual; then a SwiGLU MLP with
+  pre-RMSNorm and a residual. The mixer is memory caching, or attention for the Transformer baseline (the same block otherwise)."""
+  def __init__(self, cfg:MCConfig):
+    dim, hidden, out_scale = cfg.dim, -(-int(cfg.mlp_mult * cfg.dim) // 32) * 32, 1 / math.sqrt(2 * cfg.n_layers)
+    self.norm1, self.norm2, self.onorm = Tensor.ones(dim), Tensor.ones(dim), Tensor.ones(dim // cfg.n_heads)
+    self.wqkv, self.wgate, self.wo = _init(dim, dim, 3 * dim), _init(dim, dim, dim), _init(dim, dim, dim, scale=out_scale)
+    self.w1, self.w3, self.w2 = _init(dim, dim, hidden), _init(dim, dim, hidden), _init(hidden, hidden, dim, scale=out_scale)
+    # last, after the block's own weights: seeded random weights depend on the order they are drawn in
+    self.mixer = MIXERS[cfg.mixer](cfg)
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
     # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate).silu(), self.wo)
+
+  def mix(self, x:Tensor) -> Tensor:
+    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
+    h = _rms(x, self.norm1)
+    return self._out(x, h, self.mixer(h, _lin(h, self.wqkv)))                      # q, k, v = x W (Eq. 4)
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
@@ -493,48 +549,14 @@ class Block:
     return x + _lin(_lin(h, self.w1).silu() * _lin(h, self.w3), self.w2)
 
   def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
-
   # the parameters mix uses: all but the MLP's
   def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
-
-  def mix(self, x:Tensor) -> Tensor:
-    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
-    h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv)
-    if self.cfg.mixer == "attn":
-      q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-      q, k = rope(q, 0, self.cfg.rope_theta), rope(k, 0, self.cfg.rope_theta)
-      return self._out(x, h, q.scaled_dot_product_attention(k, v, is_causal=True))
-    if self.cfg.conv:
-      # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
-      w, L = self.cfg.conv, x.shape[1]
-      xp = qkv.pad((None, (w - 1, 0), None))
-      qkv = sum(xp[:, i:i + L] * self.conv[i].cast(qkv.dtype) for i in range(w))
-    q, k, v, u, gates = self._qkvug(h, qkv)
-    return self._out(x, h, memory_mix(q, k, v, u, gates, self.cfg, self._init_mem()))
-
-  def init_state(self, B:int) -> dict:
-    dim, H = self.cfg.dim, self.cfg.n_heads
-    if self.cfg.mixer == "attn": return {"pos": 0, "k": None, "v": None}
-    return {"conv": Tensor.zeros(B, max(self.cfg.conv - 1, 0), 3 * dim), "mem": mem_init(self.cfg, B, H, dim // H, self._init_mem())}
 
   def step(self, x:Tensor, st:dict) -> tuple[Tensor, dict]:
     # one token x (B,1,dim) with the recurrent state
     h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv)
-    if self.cfg.mixer == "attn":
-      q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-      q, k = rope(q, st["pos"], self.cfg.rope_theta), rope(k, st["pos"], self.cfg.rope_theta)
-      k, v = (k, v) if st["k"] is None else (st["k"].cat(k, dim=2), st["v"].cat(v, dim=2))
-      return self.mlp(self._out(x, h, q.scaled_dot_product_attention(k, v))), {"pos": st["pos"] + 1, "k": k, "v": v}
-    conv = st["conv"]
-    if self.cfg.conv:
-      window = conv.cast(qkv.dtype).cat(qkv, dim=1)                          # (B, w, 3dim): the last w inputs
-      conv, qkv = window[:, 1:], (window * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
-    q, k, v, u, gates = self._qkvug(h, qkv)
-    y, mem = mem_step(st["mem"], q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float(), u[:, :, 0].float(),
-                      {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self._init_mem())
-    return self.mlp(self._out(x, h, y.unsqueeze(2).cast(x.dtype))), {"conv": conv, "mem": mem}
+    y, st = self.mixer.step(h, _lin(h, self.wqkv), st)
+    return self.mlp(self._out(x, h, y)), st
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -545,15 +567,15 @@ class Model:
     self.norm = Tensor.ones(cfg.dim)
     self._jits, self._plans = {}, {}                                       # decode steps captured by TinyJit, by state structure
 
-  def _logits(self, x:Tensor) -> Tensor: return _rms(x, self.norm).float() @ self.emb.T
+  def head(self, x:Tensor) -> Tensor: return _rms(x, self.norm).float() @ self.emb.T      # (B,L,dim) -> logits (B,L,vocab) float32
 
   def __call__(self, tokens:Tensor) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32
     x = self.emb[tokens].cast(self.cfg.dtype)
     for blk in self.blocks: x = blk(x)
-    return self._logits(x)
+    return self.head(x)
 
-  def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.init_state(B) for blk in self.blocks]}
+  def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.mixer.init_state(B) for blk in self.blocks]}
 
   def _step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     x = self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
@@ -561,16 +583,14 @@ class Model:
     for blk, st in zip(self.blocks, state["blocks"]):
       x, st = blk.step(x, st)
       new.append(st)
-    logits = self._logits(x)[:, 0]
+    logits = self.head(x)[:, 0]
     Tensor.realize(logits, *_leaves(new))
     return logits, {"t": state["t"] + 1, "blocks": new}
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     """One token per sequence (B,) -> logits (B,vocab) and the next state. The state is consumed: reuse only the returned one.
-    Inside a segment the step's kernels are the same every token, so they are captured once with TinyJit and replayed;
-    the first and last token of a segment, a deep core's chunk start and attention (whose cache grows) run eagerly."""
-    t, C, T = state["t"], self.cfg.segment, self.cfg.chunk
-    if self.cfg.mixer == "attn" or t % C in (0, C - 1) or (self.cfg.core in ("dla", "titans") and t % T == 0): return self._step(tokens, state)
+    Where every mixer runs the kernels of the token before (inside a segment), TinyJit captures the step once and replays it."""
+    if not all(blk.mixer.jittable(state["t"]) for blk in self.blocks): return self._step(tokens, state)
     # the state's tensors in traversal order (an entry may share one with the online state); the JIT takes distinct buffers
     own = {id(x): _plain(x) for x in _leaves(state)}
     flat = [own[id(x)] for x in _leaves(state)]
