@@ -141,7 +141,8 @@ def evaluate(cmd:str, argv:list[str]) -> dict:
   kv = train.parse_kv(argv, {**eh, **mh})
   ec, overrides = EvalConfig(**{k: v for k, v in kv.items() if k in eh}), {k: v for k, v in kv.items() if k not in eh}
   train.check_device()
-  with Context(**train.device_defaults()): res = {"command": cmd, "eval": dataclasses.asdict(ec), "overrides": overrides, **COMMANDS[cmd](ec, overrides)}
+  with Context(**train.device_defaults()):
+    res = {"command": cmd, "eval": dataclasses.asdict(ec), "overrides": overrides, **COMMANDS[cmd](ec, overrides)}
   if ec.ckpt or ec.out:
     out = Path(ec.out) if ec.out else Path(ec.ckpt) / ("eval_" + "-".join([cmd, *(f"{k}={v}" for k, v in overrides.items())]) + ".json")
     out.write_text(json.dumps(res, indent=1))

@@ -6,29 +6,27 @@ A recurrent memory compresses the past into a fixed-size state and forgets. Memo
 segments, caches the memory state at the end of each segment, and lets every token read its online memory plus the
 cached ones, so memory grows with the context at O(N L) cost.
 
-The file reads top-down:
-1) MCConfig: every knob, validated.
-2) memory cores, chunkwise-parallel (what training uses): la / swla as chunked scans, dla / titans as per-chunk
-   gradient steps whose per-token weights are read with masked matmuls (the TTT/Titans parallel form).
-3) segments and the cache: which cached entries a token reads (const or log segmentation), their states and summaries.
-4) aggregation: residual, grm, soup, ssc, mean, picked in one dict by cfg.agg.
-5) memory_mix: sections 2-4 for one layer.
-6) the token-by-token recurrence (decoding), which doubles as the obviously-right reference of memory_mix.
-7) the layer, block and model, with recurrent decoding.
-Choices the paper leaves open are fixed in SPEC.md section 9: mean-of-keys summaries, logits scaled by 1/sqrt(D), one
-softmax over the read entries plus the online memory, per-head gates, Titans' sign fixed so that it descends, deep
-gradients taken at the chunk-start weights, and an independent online memory that restarts at each segment.
+Choices the paper leaves open, made here:
+- a segment's summary p is the mean of its keys (the paper writes a mean for grm and a sum for ssc);
+- logits z = <u_t, p> / sqrt(D), and one softmax over the entries a token reads plus its online memory;
+- gates per head and per token, sigmoid(x W + b);
+- Titans' update signed so that it descends (Eqs. 34-35 as printed ascend);
+- a deep memory takes every inner gradient of a chunk at the chunk-start weights (Titans' parallel form);
+- independent compressors start each segment from M0, and the online memory restarts with them;
+- post-training caching (agg="mean") is the plain average of the online output and every cached read;
+- ssc's top-k runs over past entries only (the online memory is always read), a tie going to the more recent entry.
 """
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
 import kernels
 
-CORES, AGGS = ("la", "swla", "dla", "titans"), ("none", "residual", "grm", "soup", "ssc", "mean")
+CORES, DEEP, AGGS = ("la", "swla", "dla", "titans"), ("dla", "titans"), ("none", "residual", "grm", "soup", "ssc", "mean")
 GATES = {"la": (), "swla": ("a", "b", "l"), "dla": ("e",), "titans": ("a", "b", "e")}
 CHOICES = {"mixer": ("mc", "attn"), "core": CORES, "agg": AGGS, "segmentation": ("const", "log"),
            "state_init": ("checkpoint", "independent"), "ssc_mix": ("grm", "soup"), "dtype": ("float32", "float16", "bfloat16")}
@@ -59,17 +57,16 @@ class MCConfig:
   def __post_init__(self):
     for field, allowed in CHOICES.items():
       if getattr(self, field) not in allowed: raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: allowed values are {allowed}")
-    for field in ("vocab", "dim", "n_layers", "n_heads", "segment", "chunk", "mem_expand", "topk"):
-      if type(getattr(self, field)) is not int or getattr(self, field) < 1:
-        raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: must be an integer >= 1")
-    if type(self.conv) is not int or self.conv < 0: raise ValueError(f"MCConfig.conv={self.conv!r}: must be an integer >= 0")
+    for field in ("vocab", "dim", "n_layers", "n_heads", "segment", "chunk", "mem_expand", "topk", "conv"):
+      x, lo = getattr(self, field), int(field != "conv")
+      if type(x) is not int or x < lo: raise ValueError(f"MCConfig.{field}={x!r}: must be an integer >= {lo}")
     for field in ("share_uq", "kernels"):
       if not isinstance(getattr(self, field), bool): raise ValueError(f"MCConfig.{field}={getattr(self, field)!r}: allowed values are (True, False)")
     if self.dim % self.n_heads: raise ValueError(f"MCConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
     if self.segment % self.chunk: raise ValueError(f"MCConfig.segment={self.segment} must be a multiple of chunk={self.chunk}")
     if self.mixer == "attn" and self.agg != "none":
       raise ValueError(f"MCConfig.agg={self.agg!r} with mixer='attn': attention caches nothing, allowed values are ('none',)")
-    if self.segmentation == "log" and self.state_init == "independent" and self.core in ("dla", "titans"):
+    if self.segmentation == "log" and self.state_init == "independent" and self.core in DEEP:
       raise ValueError(f"MCConfig.state_init='independent' with segmentation='log' is defined for the linear cores only: "
                        f"core={self.core!r}, allowed values are ('la', 'swla'), or use state_init='checkpoint'")
 
@@ -77,17 +74,11 @@ class MCConfig:
 
 def _pad_time(x:Tensor, n:int, axis:int, value:float=0.0) -> Tensor:
   # extra tokens at the end: causal cores never let them reach earlier outputs
-  if n == 0: return x
-  return x.pad(tuple((0, n) if i == axis % x.ndim else None for i in range(x.ndim)), value=value)
-
-def _pad_gates(gates:dict, n:int, axis:int) -> dict:
-  # padded tokens write nothing (e = 0) and keep decays finite (a = b = 1: log 0 would turn the decay matrices into NaN)
-  return {g: _pad_time(x, n, axis, 0.0 if g == "e" else 1.0) for g, x in gates.items()}
+  return x if n == 0 else x.pad(tuple((0, n) if i == axis % x.ndim else None for i in range(x.ndim)), value=value)
 
 def decay(lg:Tensor) -> Tensor:
   # lg (..., T) log decays -> P (..., T, T) with P[t, j] = prod_{j<i<=t} exp(lg_i) for j <= t, else 0
-  cs = lg.cumsum(-1)
-  T = lg.shape[-1]
+  cs, T = lg.cumsum(-1), lg.shape[-1]
   mask = Tensor.ones(T, T, dtype=dtypes.bool, device=lg.device).tril()
   return mask.where(cs.unsqueeze(-1) - cs.unsqueeze(-2), -math.inf).exp()
 
@@ -106,8 +97,7 @@ def linear_scan(q:Tensor, k:Tensor, v:Tensor, la:Tensor|None, b:Tensor|None, l:T
     o, S = _linear_chunks(*(fold(x) for x in (q, k, v, la, b, l)), M0, chunk)
     return o.reshape(B, H, ns * segment, D)[:, :, :L], S[:, :, :L // segment, -1]
   o, S = _linear_chunks(q, k, v, la, b, l, M0, chunk)
-  step = segment // chunk
-  return o, S[:, :, step - 1::step][:, :, :L // segment]
+  return o, S[:, :, segment // chunk - 1::segment // chunk][:, :, :L // segment]
 
 def _linear_chunks(q, k, v, la, b, l, M0, T:int) -> tuple[Tensor, Tensor]:
   # q, k, v (*bs, L, D): one recurrence per leading index. Returns o (*bs, L, D) and the state after each chunk (*bs, Nc, D, D).
@@ -117,12 +107,10 @@ def _linear_chunks(q, k, v, la, b, l, M0, T:int) -> tuple[Tensor, Tensor]:
   # the b-term pairs token t with the previous token's key and value (Eq. 28); none before the first token
   shift = lambda x: x.pad(tuple([None] * (x.ndim - 2) + [(1, 0), None]))[..., :L, :]
   chunks = lambda x: _pad_time(x, pad, -2 if x.ndim == len(bs) + 2 else -1).reshape(*bs, Nc, T, *x.shape[len(bs) + 1:])
-  qc, kc, vc = (chunks(x) for x in (q, k, v))
-  lac, lc = chunks(la), chunks(l)
+  qc, kc, vc, lac, lc = (chunks(x) for x in (q, k, v, la, l))
   P = decay(lac)                                                             # (*bs, Nc, T, T)
   G = lac.cumsum(-1)                                                         # log decay from the chunk start to t
-  A = (qc @ kc.transpose(-1, -2)) * P * lc.unsqueeze(-2)
-  o = A @ vc
+  o = ((qc @ kc.transpose(-1, -2)) * P * lc.unsqueeze(-2)) @ vc
   wend = (G[..., -1:] - G).exp()                                             # decay from t to the chunk end
   U = (vc * (wend * lc).unsqueeze(-1)).transpose(-1, -2) @ kc                # chunk-local state (*bs, Nc, D, D)
   if b is not None:
@@ -158,7 +146,7 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   """dla (Eqs. 30-33): W_t = W_{t-1} - e_t g_t. titans (Eqs. 34-36, sign fixed): S_t = b_t S_{t-1} - e_t g_t, W_t = a_t W_{t-1} + S_t.
   Within a chunk every g_t is taken at the chunk-start weights, so W_t = alpha_t W_s + beta_t S_s - sum_{j<=t} K[t,j] g_j
   and a read W_t x_t is a masked matmul. k, v (*bs, L, D) with L a multiple of T; W1 (*,D,E), W2 (*,E,D) broadcast to bs.
-  Returns the per-chunk factors that deep_read2 / deep_read1 need and the weights after each chunk."""
+  Returns the per-chunk factors that deep_read needs and the weights after each chunk."""
   *bs, L, D = k.shape
   Nc = L // T
   kc, vc = k.reshape(*bs, Nc, T, D), v.reshape(*bs, Nc, T, D)
@@ -196,23 +184,20 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   if core == "titans": out.update(S1=st(S1s), S2=st(S2s), alpha=alpha, beta=beta)
   return out
 
-def _wread(m:dict, x:Tensor, W:str, S:str, keys:Tensor, fac:Tensor) -> Tensor:
-  # W_t x_t for x (*bs, Nc, T, in): start weights, momentum, then the masked sum over this chunk's gradients
+def deep_read(m:dict, x:Tensor, W:str) -> Tensor:
+  # W_t x_t for W2 (x (*bs, Nc, T, D)) or W1 (x (*bs, Nc, T, E)): the chunk's start weights and momentum, then the masked sum over
+  # its gradients, grad_W2 l_j = d_j k_j^T and grad_W1 l_j = r_j z_j^T
+  keys, fac = (m["k"], m["d"]) if W == "W2" else (m["z"], m["r"])
   y = x @ m[W].transpose(-1, -2)
-  if "alpha" in m: y = m["alpha"].unsqueeze(-1) * y + m["beta"].unsqueeze(-1) * (x @ m[S].transpose(-1, -2))
+  if "alpha" in m: y = m["alpha"].unsqueeze(-1) * y + m["beta"].unsqueeze(-1) * (x @ m["S" + W[1]].transpose(-1, -2))
   return y - (m["K"] * (x @ keys.transpose(-1, -2))) @ fac
-
-def deep_read2(m:dict, x:Tensor) -> Tensor: return _wread(m, x, "W2", "S2", m["k"], m["d"])   # W2_t x_t (*bs, Nc, T, E)
-def deep_read1(m:dict, h:Tensor) -> Tensor: return _wread(m, h, "W1", "S1", m["z"], m["r"])   # W1_t h_t (*bs, Nc, T, D)
 
 # ***** segments and the cache *****
 
 def fenwick(s:int) -> list[tuple[int, int]]:
   # blocks of the binary decomposition of [0, s) in segment units, largest (oldest) first: 5 -> [(0, 4), (4, 5)]
-  out, a = [], 0
-  for bit in reversed(range(s.bit_length())):
-    if s >> bit & 1: out, a = out + [(a, a + (1 << bit))], a + (1 << bit)
-  return out
+  ends = [s >> bit << bit for bit in reversed(range(s.bit_length())) if s >> bit & 1]   # s with the bits below each set bit cleared
+  return list(zip([0] + ends[:-1], ends))
 
 def cache_plan(n_seg:int, segmentation:str) -> tuple[list[tuple[int, int]], np.ndarray]:
   """The cache entries a sequence of n_seg segments (the last may be partial) needs, as blocks [start, end) in segment units
@@ -225,9 +210,8 @@ def cache_plan(n_seg:int, segmentation:str) -> tuple[list[tuple[int, int]], np.n
 
 def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   # p^(i) = mean of k_j over the tokens of entry i (B,H,N,D), from per-segment key sums
-  B, H, L, D = k.shape
   ns = max(b for _, b in blocks)
-  ksum = k[:, :, :ns * C].reshape(B, H, ns, C, D).sum(-2)
+  ksum = k[:, :, :ns * C].reshape(*k.shape[:2], ns, C, k.shape[-1]).sum(-2)
   sel = np.array([[1 / ((b - a) * C) if a <= s < b else 0 for s in range(ns)] for a, b in blocks], dtype=np.float32)
   return Tensor(sel, device=k.device) @ ksum
 
@@ -242,56 +226,70 @@ def online_pool(k:Tensor, C:int) -> Tensor:
 
 def token_reads(reads:np.ndarray, C:int, L:int) -> np.ndarray: return np.repeat(reads, C, axis=0)[:L]   # (L, N)
 
-# ***** aggregation: the weights each variant gives the online memory and the cached entries *****
+# ***** aggregation: what a token reads from its online memory and the cache *****
 
-def ssc_select(z:Tensor, mask:Tensor, topk:int) -> Tensor:
-  # Eq. 16: the topk readable entries with the largest logits; on a tie the more recent (larger index) wins
+# each aggregation's weights of the online output (B,H,L) and of every entry (B,H,L,N), from the logits and readable entries (L,N)
+def _residual(z, z_on, mask, topk): return z_on.ones_like(), mask.float().expand(z.shape)                  # Eq. 7: all ones
+
+def _mean(z, z_on, mask, topk):
+  # post-training caching: a uniform average over the online output and every readable entry
+  n = 1 + mask.float().sum(-1, keepdim=True)
+  return n[..., 0].reciprocal().expand(z_on.shape), mask.float().expand(z.shape) / n
+
+def _softmax(z, z_on, mask, topk):
+  # Eq. 10 normalised: one softmax over the online logit and the readable entries
+  g = z_on.unsqueeze(-1).cat(mask.where(z, -math.inf), dim=-1).softmax(-1)
+  return g[..., 0], g[..., 1:]
+
+def _ssc(z, z_on, mask, topk):
+  # Eq. 16: the topk readable entries with the largest logits, a tie going to the more recent (larger index); Eq. 17: grm over them
   N = z.shape[-1]
-  idx = Tensor.arange(N)
-  sel, avail = mask.zeros_like(), mask
+  idx, sel, avail = Tensor.arange(N), mask.zeros_like(), mask
   for _ in range(min(topk, N)):
     zz = avail.where(z, -math.inf)
     cand = avail & (zz == zz.max(-1, keepdim=True))
     best = cand & (idx == cand.where(idx, -1).max(-1, keepdim=True))
     sel, avail = sel | best, avail & best.logical_not()
-  return sel
+  return _softmax(z, z_on, sel, topk)
 
-def _softmax_weights(z:Tensor, z_on:Tensor, mask:Tensor) -> tuple[Tensor, Tensor]:
-  # one softmax over the online logit and the readable entries (Eq. 10 normalised)
-  g = z_on.unsqueeze(-1).cat(mask.where(z, -math.inf), dim=-1).softmax(-1)
-  return g[..., 0], g[..., 1:]
+class Agg(NamedTuple):
+  weights: Callable|None  # as above; None reads nothing (the base RNN)
+  mix: str|None           # what a deep memory mixes: "grm" its outputs (Eq. 9), "soup" its weights (Eq. 15), None as cfg.ssc_mix
+  linear: str             # the read of a linear memory as cache_read names it: mixing its weights is mixing its outputs
+  routed: bool            # reads the logits <u_t, p>, so the layer makes the connector u
 
-AGG_WEIGHTS = {
-  "residual": lambda z, z_on, mask, topk: (z_on.ones_like(), mask.float().expand(z.shape)),                                   # Eq. 7
-  "mean": lambda z, z_on, mask, topk: ((1 + mask.float().sum(-1)).reciprocal().expand(z_on.shape), mask.float().expand(z.shape) / (1 + mask.float().sum(-1, keepdim=True))),
-  "grm": lambda z, z_on, mask, topk: _softmax_weights(z, z_on, mask),                                        # Eqs. 9-10
-  "soup": lambda z, z_on, mask, topk: _softmax_weights(z, z_on, mask),                                       # Eq. 15's weights
-  "ssc": lambda z, z_on, mask, topk: _softmax_weights(z, z_on, ssc_select(z, mask, topk)),                   # Eq. 17
-}
+AGG = {"none": Agg(None, None, "none", False), "residual": Agg(_residual, "grm", "residual", False), "mean": Agg(_mean, "grm", "mean", False),
+       "grm": Agg(_softmax, "grm", "grm", True), "soup": Agg(_softmax, "soup", "grm", True), "ssc": Agg(_ssc, None, "ssc", True)}
 
 def cache_read_ref(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.ndarray, segment:int, agg:str, topk:int) -> Tensor:
-  """y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t for linear cores, soup == grm there. q, o (B,H,L,D), M (B,H,N,D,D),
+  """y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t for linear cores (agg: residual, mean, grm or ssc). q, o (B,H,L,D), M (B,H,N,D,D),
   z (B,H,L,N), z_on (B,H,L), reads (n_seg, N) bool. The reference of kernels.cache_read."""
-  L = q.shape[2]
-  mask = Tensor(token_reads(reads, segment, L), device=q.device)
-  w_on, w = AGG_WEIGHTS[agg](z, z_on, mask, topk)
+  mask = Tensor(token_reads(reads, segment, q.shape[2]), device=q.device)
+  w_on, w = AGG[agg].weights(z, z_on, mask, topk)
   # sum_i w_i M_i q = [w_0 q, w_1 q, ...] @ [M_0^T; M_1^T; ...]: one matmul over (entry, key dim)
   y = (w.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2) @ M.transpose(-1, -2).flatten(-3, -2)
   return w_on.unsqueeze(-1) * o + y
 
-def deep_entry_read(q:Tensor, W1:Tensor, W2:Tensor, w:Tensor) -> Tensor:
-  # sum_i w_i f_{W^(i)}(q_t): q (B,H,L,D), W1 (B,H,N,D,E), W2 (B,H,N,E,D), w (B,H,L,N)
-  h = (q.unsqueeze(2) @ W2.transpose(-1, -2)).gelu()                         # (B,H,N,L,E)
-  c = q.unsqueeze(2) + h @ W1.transpose(-1, -2)                              # (B,H,N,L,D)
-  return (w.permute(0, 1, 3, 2).unsqueeze(-1) * c).sum(2)
+def read_cache(cfg:MCConfig, q:Tensor, o:Tensor, u:Tensor, cache:dict, p_on:Tensor, reads:np.ndarray, C:int, fused:bool=False,
+               online:tuple|None=None) -> Tensor:
+  """Eq. 5 for a block of tokens: y_t = g_t^on o_t + sum_i g_t^(i) M^(i)(q_t) over the entries i it reads, g as cfg.agg says. q, o
+  (the online outputs), u, p_on (the online summaries) (B,H,L,D); cache: the entries' "M" (B,H,N,D,D) or "W1", "W2", and summaries
+  "p" (B,H,N,D); reads[s, i]: segment s (C tokens) reads entry i; fused: kernels.cache_read; online: (read2, read1) of the online W_t."""
+  agg, D = AGG[cfg.agg], q.shape[-1]
+  if agg.weights is None: return o
+  z, z_on = (u @ cache["p"].transpose(-1, -2)) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
+  if "M" in cache: return (kernels.cache_read if fused else cache_read_ref)(q, o, cache["M"], z, z_on, reads, C, agg.linear, cfg.topk)
+  g_on, g = agg.weights(z, z_on, Tensor(token_reads(reads, C, q.shape[2]), device=q.device), cfg.topk)
+  W1, W2, g_on, g = cache["W1"], cache["W2"], g_on.unsqueeze(-1), g.permute(0, 1, 3, 2).unsqueeze(-1)   # W (B,H,N,...), g (B,H,N,L,1)
+  if (agg.mix or cfg.ssc_mix) == "soup":
+    # Eq. 15: y_t = f_{W*_t}(q_t) with W*_t = g^on W_t + sum_i g^(i) W^(i), for both weight matrices
+    read2, read1 = online
+    h = (g_on * read2(q) + (g * (q.unsqueeze(2) @ W2.transpose(-1, -2))).sum(2)).gelu()
+    return q + g_on * read1(h) + (g * (h.unsqueeze(2) @ W1.transpose(-1, -2))).sum(2)
+  c = q.unsqueeze(2) + (q.unsqueeze(2) @ W2.transpose(-1, -2)).gelu() @ W1.transpose(-1, -2)       # f_{W^(i)}(q_t) (B,H,N,L,D)
+  return g_on * o + (g * c).sum(2)                                                                  # Eq. 9
 
-def deep_soup_read(q:Tensor, W1:Tensor, W2:Tensor, w_on:Tensor, w:Tensor, read2, read1) -> Tensor:
-  # Eq. 15: y_t = f_{W*_t}(q_t), W*_t = g^on W_t + sum_i g^(i) W^(i) for both weight matrices; read2/read1 apply the online W_t
-  wt = w.permute(0, 1, 3, 2).unsqueeze(-1)                                   # (B,H,N,L,1)
-  h = (w_on.unsqueeze(-1) * read2(q) + (wt * (q.unsqueeze(2) @ W2.transpose(-1, -2))).sum(2)).gelu()
-  return q + w_on.unsqueeze(-1) * read1(h) + (wt * (h.unsqueeze(2) @ W1.transpose(-1, -2))).sum(2)
-
-# ***** memory_mix: sections 2-4 for one layer *****
+# ***** memory_mix: one layer's memory, chunkwise *****
 
 def _check(q, k, v, u, gates, cfg, init):
   for name, x in (("k", k), ("v", v), ("u", u)):
@@ -299,267 +297,266 @@ def _check(q, k, v, u, gates, cfg, init):
   for g in GATES[cfg.core]:
     if g not in gates: raise ValueError(f"memory_mix: core={cfg.core!r} needs gates {GATES[cfg.core]}, missing {g!r}")
     if gates[g].shape != q.shape[:3]: raise ValueError(f"memory_mix: gates[{g!r}].shape={gates[g].shape} must be (B,H,L)={q.shape[:3]}")
-  if cfg.core in ("dla", "titans") and (init is None or "W1" not in init or "W2" not in init):
+  if cfg.core in DEEP and (init is None or "W1" not in init or "W2" not in init):
     raise ValueError(f"memory_mix: core={cfg.core!r} needs init={{'W1': (H,D,E), 'W2': (H,E,D)}}, the learned initial weights")
 
+def _entries(S:Tensor, blocks:list, indep:bool) -> Tensor|None:
+  # the cached states (B,H,N,...) from the states at segment ends S (B,H,ns,...): for checkpoints the snapshot at each block's end,
+  # for independent const segments each segment's own compressor
+  if not blocks: return None
+  return S[:, :, :len(blocks)] if indep else Tensor.stack(*[S[:, :, e - 1] for _, e in blocks], dim=2)
+
+def scan_linear(q, k, v, gates, init, blocks, cfg, fused) -> tuple[Tensor, dict, None]:
+  # la / swla: the online outputs and the cached states M from the chunkwise scan (Eqs. 4, 12, 28), fused or the reference
+  scan = kernels.chunk_scan if fused else linear_scan
+  la, b, l = (gates["a"].log(), gates["b"], gates["l"]) if gates else (None, None, None)
+  M0, indep = None if init is None else init["M"].float(), cfg.state_init == "independent"
+  o, S = scan(q, k, v, la, b, l, M0, cfg.chunk, cfg.segment, indep)
+  if not blocks or not (indep and cfg.segmentation == "log"): return o, {"M": _entries(S, blocks, indep)}, None
+  # log + independent: each Fenwick block is compressed on its own; a block of 2^j segments is one scan's aligned segment
+  lvl = {j: scan(q, k, v, la, b, l, M0, cfg.chunk, cfg.segment << j, True)[1] for j in {(e - a).bit_length() - 1 for a, e in blocks}}
+  return o, {"M": Tensor.stack(*[lvl[(e - a).bit_length() - 1][:, :, a // (e - a)] for a, e in blocks], dim=2)}, None
+
+def scan_deep(q, k, v, gates, init, blocks, cfg, fused) -> tuple[Tensor, dict, tuple]:
+  # dla / titans: the online outputs, the cached weights and the readers of the per-token online weights from the chunked scan
+  # (Eqs. 30-36), over the whole sequence (checkpoint) or over every segment folded into the batch as its own sequence (independent)
+  B, H, L, D = q.shape
+  C, T, indep = cfg.segment, cfg.chunk, cfg.state_init == "independent"
+  Lp, bs = (-(-L // C) * C, (B, H, -(-L // C))) if indep else (-(-L // T) * T, (B, H))
+  # padded tokens write nothing (e = 0) and keep decays finite (a = b = 1: log 0 would turn the decay matrices into NaN)
+  fold = lambda x, pad=0.0: _pad_time(x, Lp - L, 2, pad).reshape(*bs, -1, *x.shape[3:])
+  W1, W2 = (init[w].float().unsqueeze(1) if indep else init[w].float() for w in ("W1", "W2"))              # (H,[1,]...)
+  m = deep_scan(cfg.core, fold(k), fold(v), {g: fold(x, 0.0 if g == "e" else 1.0) for g, x in gates.items()}, W1, W2, T)
+  read = lambda W, x: deep_read(m, fold(x).reshape(*bs, -1, T, x.shape[-1]), W).reshape(B, H, Lp, -1)[:, :, :L]
+  read2, read1 = (lambda x: read("W2", x)), (lambda h: read("W1", h))
+  ends = lambda W: W[:, :, :, -1] if indep else W[:, :, C // T - 1::C // T]                # the weights at each segment's end
+  o = q + read1(read2(q).gelu())                                                           # Eq. 33: o_t = f_{W_t}(q_t)
+  return o, {"W1": _entries(ends(m["W1e"]), blocks, indep), "W2": _entries(ends(m["W2e"]), blocks, indep)}, (read2, read1)
+
+# each core's chunkwise pass: (q, k, v, gates, init, blocks, cfg, fused) -> o (B,H,L,D), the cached states, the online readers
+SCANS = {"la": scan_linear, "swla": scan_linear, "dla": scan_deep, "titans": scan_deep}
+
 def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig, init:dict|None=None) -> Tensor:
-  """Memory caching for one layer (SPEC sections 2-4). q, k, v, u (B,H,L,D) used as given; gates dict of (B,H,L) in (0,1);
-  init None or {"M": (H,D,D)} for linear cores, {"W1": (H,D,E), "W2": (H,E,D)} for deep cores. Returns y (B,H,L,D)."""
+  """Memory caching for one layer. q, k, v, u (B,H,L,D) used as given; gates dict of (B,H,L) in (0,1); init None or
+  {"M": (H,D,D)} for linear cores, {"W1": (H,D,E), "W2": (H,E,D)} for deep cores. Returns y (B,H,L,D)."""
   _check(q, k, v, u, gates, cfg, init)
   dt = q.dtype
   q, k, v, u = (x.float() for x in (q, k, v, u))
   gates = {g: gates[g].float() for g in GATES[cfg.core]}
-  B, H, L, D = q.shape
-  C, indep = cfg.segment, cfg.state_init == "independent"
-  blocks, reads = cache_plan(-(-L // C), cfg.segmentation)
-  if cfg.core in ("la", "swla"):
-    scan = kernels.chunk_scan if cfg.kernels and kernels.applies(q) else linear_scan
-    la, b, l = (gates["a"].log(), gates["b"], gates["l"]) if cfg.core == "swla" else (None, None, None)
-    M0 = None if init is None else init["M"].float()
-    o, S = scan(q, k, v, la, b, l, M0, cfg.chunk, C, indep)
-    if cfg.agg == "none" or not blocks: return o.cast(dt)
-    if not indep: M = Tensor.stack(*[S[:, :, e - 1] for _, e in blocks], dim=2)
-    elif cfg.segmentation == "const": M = S[:, :, :len(blocks)]
-    else:
-      # log + independent: each Fenwick block is compressed on its own; a block of 2^j segments is one scan's aligned segment
-      lvl = {j: scan(q, k, v, la, b, l, M0, cfg.chunk, C << j, True)[1] for j in {(e - a).bit_length() - 1 for a, e in blocks}}
-      M = Tensor.stack(*[lvl[(e - a).bit_length() - 1][:, :, a // (e - a)] for a, e in blocks], dim=2)
-    z, z_on = _logits(u, k, blocks, C)
-    read = kernels.cache_read if cfg.kernels and kernels.applies(q) else cache_read_ref
-    return read(q, o, M, z, z_on, reads, C, "grm" if cfg.agg == "soup" else cfg.agg, cfg.topk).cast(dt)
-  # deep cores: the chunked scan over the whole sequence, or over every segment folded into the batch
-  T, ns = cfg.chunk, -(-L // C)
-  W1, W2 = init["W1"].float(), init["W2"].float()
-  if indep:
-    fold = lambda x: _pad_time(x, ns * C - L, 2).reshape(B, H, ns, C, *x.shape[3:])
-    m = deep_scan(cfg.core, fold(k), fold(v), {g: x.reshape(B, H, ns, C) for g, x in _pad_gates(gates, ns * C - L, 2).items()}, W1.unsqueeze(1), W2.unsqueeze(1), T)
-    chunked = lambda x: fold(x).reshape(B, H, ns, C // T, T, x.shape[-1])
-    unchunk = lambda y: y.reshape(B, H, ns * C, y.shape[-1])[:, :, :L]
-    ends = lambda W: W[:, :, :, -1]                                          # (B,H,ns,...) weights at each segment's end
-  else:
-    Lp = -(-L // T) * T
-    m = deep_scan(cfg.core, _pad_time(k, Lp - L, 2), _pad_time(v, Lp - L, 2), _pad_gates(gates, Lp - L, 2), W1, W2, T)
-    chunked = lambda x: _pad_time(x, Lp - L, 2).reshape(B, H, Lp // T, T, x.shape[-1])
-    unchunk = lambda y: y.reshape(B, H, Lp, y.shape[-1])[:, :, :L]
-    ends = lambda W: W[:, :, C // T - 1::C // T]
-  read2 = lambda x: unchunk(deep_read2(m, chunked(x)))
-  read1 = lambda h: unchunk(deep_read1(m, chunked(h)))
-  if cfg.agg == "none" or not blocks: return (q + read1(read2(q).gelu())).cast(dt)
-  W1c, W2c = ends(m["W1e"]), ends(m["W2e"])
-  # checkpoint: the snapshot at the block's end; independent (const only): the segment's own compressor
-  pick = (lambda W: Tensor.stack(*[W[:, :, e - 1] for _, e in blocks], dim=2)) if not indep else (lambda W: W[:, :, :len(blocks)])
-  W1c, W2c = pick(W1c), pick(W2c)
-  z, z_on = _logits(u, k, blocks, C)
-  w_on, w = AGG_WEIGHTS[cfg.agg](z, z_on, Tensor(token_reads(reads, C, L), device=q.device), cfg.topk)
-  if cfg.agg == "soup" or (cfg.agg == "ssc" and cfg.ssc_mix == "soup"): return deep_soup_read(q, W1c, W2c, w_on, w, read2, read1).cast(dt)
-  o = q + read1(read2(q).gelu())
-  return (w_on.unsqueeze(-1) * o + deep_entry_read(q, W1c, W2c, w)).cast(dt)
-
-def _logits(u:Tensor, k:Tensor, blocks:list, C:int) -> tuple[Tensor, Tensor]:
-  # z^(i) = <u_t, p^(i)> / sqrt(D) (B,H,L,N) and z^on = <u_t, p_t^on> / sqrt(D) (B,H,L)
-  D = u.shape[-1]
-  return (u @ pooled(k, blocks, C).transpose(-1, -2)) / math.sqrt(D), (u * online_pool(k, C)).sum(-1) / math.sqrt(D)
+  C, fused = cfg.segment, cfg.kernels and kernels.applies(q)
+  blocks, reads = cache_plan(-(-q.shape[2] // C), cfg.segmentation)
+  o, cache, online = SCANS[cfg.core](q, k, v, gates, init, blocks, cfg, fused)
+  if not blocks: return o.cast(dt)                                           # no segment is complete: nothing is cached yet
+  return read_cache(cfg, q, o, u, {**cache, "p": pooled(k, blocks, C)}, online_pool(k, C), reads, C, fused, online).cast(dt)
 
 # ***** the recurrence token by token: decoding, and the obviously-right reference of memory_mix *****
 
 def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, device=None) -> dict:
-  # the online memory, its running key sum, and the cache; "t" counts the tokens seen
+  # the online memory, its running key sum and count, and the cache; "t" counts the tokens seen
   st = {"t": 0, "ksum": Tensor.zeros(B, H, D, device=device).contiguous(), "n": Tensor.zeros(1, device=device).contiguous(), "entries": []}
-  if cfg.core in ("la", "swla"):
-    M0 = Tensor.zeros(H, D, D, device=device) if init is None else init["M"].float()
-    return {**st, "M": M0.expand(B, H, D, D), "prev": None, "A": Tensor.ones(B, H, device=device), "c": Tensor.zeros(B, H, device=device)}
-  W1, W2 = init["W1"].float().expand(B, *init["W1"].shape), init["W2"].float().expand(B, *init["W2"].shape)
-  return {**st, "W1": W1, "W2": W2, "Ws": (W1, W2), "S1": W1.zeros_like(), "S2": W2.zeros_like()}
+  if cfg.core in DEEP:
+    W1, W2 = init["W1"].float().expand(B, *init["W1"].shape), init["W2"].float().expand(B, *init["W2"].shape)
+    return {**st, "W1": W1, "W2": W2, "Ws": (W1, W2), "S1": W1.zeros_like(), "S2": W2.zeros_like()}
+  M0 = Tensor.zeros(H, D, D, device=device) if init is None else init["M"].float()
+  return {**st, "M": M0.expand(B, H, D, D), "prev": None, "A": Tensor.ones(B, H, device=device), "c": Tensor.zeros(B, H, device=device)}
 
 def _outer(x:Tensor, y:Tensor) -> Tensor: return x.unsqueeze(-1) * y.unsqueeze(-2)
+def _mat(x:Tensor) -> Tensor: return x.unsqueeze(-1).unsqueeze(-1)   # a per-(batch, head) scalar (B,H) that scales matrices (B,H,1,1)
 
-def _merge(X:dict, Y:dict, M0:Tensor|None, core:str, indep:bool) -> dict:
+def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, t:int) -> tuple[Tensor, None]:
+  # la / swla, one token: update M in st, return o_t = M_t q_t
+  if g:
+    a, b = g["a"], g["b"]
+    M = _mat(a) * st["M"] + _mat(g["l"]) * _outer(v, k)                     # Eq. 28
+    if st["prev"] is not None: M = M + _mat(b) * _outer(*st["prev"])
+  else: a, b, M = q.ones_like()[..., 0], q.zeros_like()[..., 0], st["M"] + _outer(v, k)   # Eq. 12
+  # for merging independent compressors: A = prod a over the segment, c = its first b-term decayed to now
+  A, c = (a, b) if t % cfg.segment == 0 else (st["A"] * a, st["c"] * a)
+  st.update(M=M, prev=(v, k), A=A, c=c)
+  return (M @ q.unsqueeze(-1))[..., 0], None
+
+def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, t:int) -> tuple[Tensor, tuple]:
+  # dla / titans, one token with its gradient at the chunk-start weights Ws: update st, return o_t = f_{W_t}(q_t) and W_t's readers
+  if t % cfg.chunk == 0: st["Ws"] = (st["W1"], st["W2"])
+  r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), *st["Ws"])
+  g1, g2 = _outer(r[..., 0, :], z[..., 0, :]), _outer(d[..., 0, :], k)
+  e = _mat(g["e"])
+  if cfg.core == "dla": st.update(W1=st["W1"] - e * g1, W2=st["W2"] - e * g2)                     # Eq. 32
+  else:
+    ga, gb = _mat(g["a"]), _mat(g["b"])
+    st.update(S1=gb * st["S1"] - e * g1, S2=gb * st["S2"] - e * g2)                                 # Eq. 35, signed to descend
+    st.update(W1=ga * st["W1"] + st["S1"], W2=ga * st["W2"] + st["S2"])                             # Eq. 34
+  W1, W2 = st["W1"], st["W2"]
+  read2, read1 = (lambda x: x @ W2.transpose(-1, -2)), (lambda h: h @ W1.transpose(-1, -2))
+  return q + read1(read2(q.unsqueeze(-2)).gelu())[..., 0, :], (read2, read1)
+
+# each core's token step: (state, q, k, v, gates, cfg, t) -> o (B,H,D) and the online readers, the state updated in place
+STEPS = {"la": step_linear, "swla": step_linear, "dla": step_deep, "titans": step_deep}
+
+def _merge(X:dict, Y:dict, init:dict|None, indep:bool) -> dict:
   # two adjacent log blocks become one, as a binary counter carries; pooled means merge by count
   out = {**Y, "ksum": X["ksum"] + Y["ksum"], "n": X["n"] + Y["n"]}
   if indep:
     # the union's compressor: X decayed through Y, Y's own tokens, and Y's first b-term that now reaches X's last token (Eq. 28)
-    A, c = Y["A"].unsqueeze(-1).unsqueeze(-1), Y["c"].unsqueeze(-1).unsqueeze(-1)
-    out.update(M=A * (X["M"] - (0 if M0 is None else M0)) + Y["M"] + c * _outer(X["v"], X["k"]), A=X["A"] * Y["A"], c=X["c"] * Y["A"])
+    M = _mat(Y["A"]) * (X["M"] - (0 if init is None else init["M"].float())) + Y["M"] + _mat(Y["c"]) * _outer(X["v"], X["k"])
+    out.update(M=M, A=X["A"] * Y["A"], c=X["c"] * Y["A"])
   return out
 
 def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None) -> tuple[Tensor, dict]:
   """One token: update the online memory, read it and the cache, and cache the state when a segment completes.
   q, k, v, u (B,H,D); g dict of (B,H) gates. Work grows with the number of cached entries, not with the tokens seen."""
-  C, T, t, D = cfg.segment, cfg.chunk, st["t"], q.shape[-1]
-  indep, first = cfg.state_init == "independent", st["t"] % C == 0
+  C, t, D, indep = cfg.segment, st["t"], q.shape[-1], cfg.state_init == "independent"
   # the online key sum and count as tensors (not Python constants), so the steps of a segment share one schedule
   st = {**st, "t": t + 1, "ksum": st["ksum"] + k, "n": st["n"] + 1}
-  if cfg.core in ("la", "swla"):
-    ex = lambda x: x.unsqueeze(-1).unsqueeze(-1)
-    if cfg.core == "swla":
-      a, b = g["a"], g["b"]
-      M = ex(a) * st["M"] + ex(g["l"]) * _outer(v, k)                         # Eq. 28
-      if st["prev"] is not None: M = M + ex(b) * _outer(*st["prev"])
-    else: a, b, M = q.ones_like()[..., 0], q.zeros_like()[..., 0], st["M"] + _outer(v, k)   # Eq. 12
-    # for merging independent compressors: A = prod a over the segment, c = its first b-term decayed to now
-    A, c = (a, b) if first else (st["A"] * a, st["c"] * a)
-    st.update(M=M, prev=(v, k), A=A, c=c)
-    o = (M @ q.unsqueeze(-1))[..., 0]
-  else:
-    if t % T == 0: st["Ws"] = (st["W1"], st["W2"])
-    r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), *st["Ws"])
-    g1, g2 = _outer(r[..., 0, :], z[..., 0, :]), _outer(d[..., 0, :], k)
-    e = g["e"].unsqueeze(-1).unsqueeze(-1)
-    if cfg.core == "dla": st.update(W1=st["W1"] - e * g1, W2=st["W2"] - e * g2)
-    else:
-      ga, gb = g["a"].unsqueeze(-1).unsqueeze(-1), g["b"].unsqueeze(-1).unsqueeze(-1)
-      st.update(S1=gb * st["S1"] - e * g1, S2=gb * st["S2"] - e * g2)
-      st.update(W1=ga * st["W1"] + st["S1"], W2=ga * st["W2"] + st["S2"])
-    read2, read1 = (lambda x: x @ st["W2"].transpose(-1, -2)), (lambda h: h @ st["W1"].transpose(-1, -2))
-    o = q + read1(read2(q.unsqueeze(-2)).gelu())[..., 0, :]
+  o, online = STEPS[cfg.core](st, q, k, v, g, cfg, t)
   y, E = o, st["entries"]
-  if E and cfg.agg != "none":
-    # the parallel path's aggregation with L = 1 and every entry readable
-    q1, o1, u1 = q.unsqueeze(-2), o.unsqueeze(-2), u.unsqueeze(-2)
-    p = Tensor.stack(*[x["ksum"] / x["n"] for x in E], dim=2)
-    z, z_on = (u1 @ p.transpose(-1, -2)) / math.sqrt(D), (u * st["ksum"] / st["n"]).sum(-1, keepdim=True) / math.sqrt(D)
-    if cfg.core in ("la", "swla"):
-      M = Tensor.stack(*[x["M"] for x in E], dim=2)
-      y = cache_read_ref(q1, o1, M, z, z_on, np.ones((1, len(E)), dtype=bool), 1, "grm" if cfg.agg == "soup" else cfg.agg, cfg.topk)[..., 0, :]
-    else:
-      W1c, W2c = Tensor.stack(*[x["W1"] for x in E], dim=2), Tensor.stack(*[x["W2"] for x in E], dim=2)
-      w_on, w = AGG_WEIGHTS[cfg.agg](z, z_on, z.ones_like().bool(), cfg.topk)
-      if cfg.agg == "soup" or (cfg.agg == "ssc" and cfg.ssc_mix == "soup"): y = deep_soup_read(q1, W1c, W2c, w_on, w, read2, read1)[..., 0, :]
-      else: y = (w_on.unsqueeze(-1) * o1 + deep_entry_read(q1, W1c, W2c, w))[..., 0, :]
+  keep = ("M", "A", "c") if "M" in st else ("W1", "W2")                     # what an entry holds
+  if E:
+    # memory_mix's read for a block of one token that reads every entry
+    cache = {x: Tensor.stack(*[e[x] for e in E], dim=2) for x in keep}
+    cache["p"] = Tensor.stack(*[e["ksum"] / e["n"] for e in E], dim=2)
+    p_on = (st["ksum"] / st["n"]).unsqueeze(-2)
+    y = read_cache(cfg, q.unsqueeze(-2), o.unsqueeze(-2), u.unsqueeze(-2), cache, p_on, np.ones((1, len(E)), bool), 1, online=online)[..., 0, :]
   if (t + 1) % C == 0:
-    # the segment is complete: cache the state with its key sum; log merges equal blocks like a binary counter carries
-    keep = ("M", "A", "c") if cfg.core in ("la", "swla") else ("W1", "W2")
+    # the segment is complete (Eq. 4): cache the state with its key sum; log merges equal blocks like a binary counter carries
     E = E + [{**{x: st[x] for x in keep}, "ksum": st["ksum"], "n": C, "k": k, "v": v}]
-    M0 = None if init is None or "M" not in init else init["M"].float()
-    while cfg.segmentation == "log" and len(E) > 1 and E[-1]["n"] == E[-2]["n"]: E = E[:-2] + [_merge(E[-2], E[-1], M0, cfg.core, indep)]
+    while cfg.segmentation == "log" and len(E) > 1 and E[-1]["n"] == E[-2]["n"]: E = E[:-2] + [_merge(E[-2], E[-1], init, indep)]
+    # a new segment: its key sum restarts, and so does an independent compressor's online memory
     fresh = mem_init(cfg, *q.shape[:2], D, init, q.device)
-    st.update(entries=E, ksum=fresh["ksum"], n=fresh["n"], **({k_: fresh[k_] for k_ in fresh if k_ not in ("t", "ksum", "n", "entries")} if indep else {}))
+    st.update(entries=E, **{x: fresh[x] for x in fresh if x in ("ksum", "n") or (indep and x not in ("t", "entries"))})
   return y, st
 
-def memory_mix_recurrent(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig, init:dict|None=None) -> Tensor:
-  # memory_mix computed token by token with mem_step: slow, obviously right, and the same code that decodes
-  _check(q, k, v, u, gates, cfg, init)
-  B, H, L, D = q.shape
-  st, ys = mem_init(cfg, B, H, D, init, q.device), []
-  for t in range(L):
-    y, st = mem_step(st, q[:, :, t].float(), k[:, :, t].float(), v[:, :, t].float(), u[:, :, t].float(), {n: x[:, :, t].float() for n, x in gates.items()}, cfg, init)
-    ys.append(y)
-  return Tensor.stack(*ys, dim=2).cast(q.dtype)
+# ***** the token mixers, the block and the model *****
 
-# ***** the layer, block and model *****
-
-# a projection: weights stay float32, math in the activation dtype. fused: kernels.linear where its weight gradient splits over
-# slices of the tokens. Else its output's gradient gets a buffer of its own: tinygrad would fold the elementwise backward that
-# follows (conv, SiLU, L2 norm, gates) into each matmul reading it, once per output element
+# a projection in the activation dtype: kernels.linear where its weight gradient splits over the tokens, else x @ w, its gradient buffered
 def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
   return kernels.linear(x, w) if fused and kernels.linear_splits(x) else (x @ w.cast(x.dtype)).contiguous_backward()
-def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-scale / math.sqrt(fan_in), high=scale / math.sqrt(fan_in))
-def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor: return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
+def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-(b := scale / math.sqrt(fan_in)), high=b)
+def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor:
+  return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
+def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
 GATE_BIAS = {"a": 4.6, "b": 0.0, "l": 0.0, "e": -2.2}
 
-def rope(x:Tensor, pos:int, theta:float) -> Tensor:
-  # rotary position embedding on (B,H,L,D), positions pos..pos+L-1, rotating the two halves of D
-  B, H, L, D = x.shape
-  freq = theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)
-  ang = np.arange(pos, pos + L, dtype=np.float64)[:, None] * freq[None]
-  cos, sin = Tensor(np.cos(ang).astype(np.float32), device=x.device).cast(x.dtype), Tensor(np.sin(ang).astype(np.float32), device=x.device).cast(x.dtype)
-  x1, x2 = x[..., :D // 2], x[..., D // 2:]
-  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-class Block:
-  """x -> RMSNorm -> q,k,v -> causal depthwise conv -> SiLU -> heads, L2-normalised q,k -> gates -> memory_mix -> per-head RMSNorm
-  -> times SiLU(x Wgate) -> Wo -> residual; then a SwiGLU MLP with pre-RMSNorm and a residual (SPEC section 5).
-  mixer="attn" swaps memory_mix for causal softmax attention with RoPE on plain projections (no conv, no L2 norm)."""
+class Memory:
+  """Memory caching on the projections x Wqkv: causal depthwise conv -> SiLU -> heads, L2-normalised q, k -> the connector u and the
+  per-head gates -> memory_mix (B,H,L,D)."""
   def __init__(self, cfg:MCConfig):
     self.cfg, dim, H = cfg, cfg.dim, cfg.n_heads
-    D, hidden = dim // H, -(-int(cfg.mlp_mult * dim) // 32) * 32
-    self.norm1, self.norm2, self.onorm = Tensor.ones(dim), Tensor.ones(dim), Tensor.ones(D)
-    self.wqkv, self.wgate, self.wo = _init(dim, dim, 3 * dim), _init(dim, dim, dim), _init(dim, dim, dim, scale=1 / math.sqrt(2 * cfg.n_layers))
-    self.w1, self.w3, self.w2 = _init(dim, dim, hidden), _init(dim, dim, hidden), _init(hidden, hidden, dim, scale=1 / math.sqrt(2 * cfg.n_layers))
-    if cfg.mixer == "attn": return
     if cfg.conv: self.conv = _init(cfg.conv, cfg.conv, 3 * dim)
-    if not cfg.share_uq and cfg.agg in ("grm", "soup", "ssc"): self.wu = _init(dim, dim, dim)
+    if not cfg.share_uq and AGG[cfg.agg].routed: self.wu = _init(dim, dim, dim)
     self.gate_names = GATES[cfg.core]
     if self.gate_names:
       self.wg = _init(dim, dim, len(self.gate_names) * H, scale=0.1)
       self.bg = Tensor(np.repeat([GATE_BIAS[g] for g in self.gate_names], H).astype(np.float32))
-    if cfg.core in ("dla", "titans"):
-      E = cfg.mem_expand * D
-      self.W1, self.W2 = _init(E, H, D, E), _init(D, H, E, D)
+    # a deep memory's learned initial weights W0, its state at the start of the sequence (and of every independent segment)
+    D, E = dim // H, cfg.mem_expand * (dim // H)
+    self.W0 = {"W1": _init(E, H, D, E), "W2": _init(D, H, E, D)} if cfg.core in DEEP else None
 
-  def _heads(self, x:Tensor) -> Tensor: return x.reshape(*x.shape[:2], self.cfg.n_heads, -1).transpose(1, 2)   # (B,L,dim) -> (B,H,L,D)
-
-  def _qkvug(self, h:Tensor, qkv:Tensor):
+  def _inputs(self, h:Tensor, qkv:Tensor):
     # post-conv q,k,v (B,L,3dim) -> heads, L2-normalised q,k, the connector u and the gates, all (B,H,L,...)
-    q, k, v = (self._heads(x) for x in qkv.silu().chunk(3, dim=-1))
+    H = self.cfg.n_heads
+    q, k, v = (_heads(x, H) for x in qkv.silu().chunk(3, dim=-1))
     q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
-    u = self._heads(_lin(h, self.wu, self.cfg.kernels)) if hasattr(self, "wu") else q
-    gates = {}
-    if self.gate_names:
-      g = (_lin(h, self.wg, self.cfg.kernels).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), self.cfg.n_heads)
-      gates = {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # (B,H,L)
-    return q, k, v, u, gates
+    u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
+    if not self.gate_names: return q, k, v, u, {}
+    g = (_lin(h, self.wg, self.cfg.kernels).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
+    return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
 
-  def _init_mem(self): return {"W1": self.W1, "W2": self.W2} if self.cfg.core in ("dla", "titans") else None
-
-  def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
-    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
-    y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
-    return x + _lin(y * _lin(h, self.wgate, self.cfg.kernels).silu(), self.wo, self.cfg.kernels)
-
-  def mlp(self, x:Tensor) -> Tensor:
-    # the SwiGLU MLP with pre-RMSNorm and a residual
-    h = _rms(x, self.norm2)
-    return x + _lin(_lin(h, self.w1, self.cfg.kernels).silu() * _lin(h, self.w3, self.cfg.kernels), self.w2, self.cfg.kernels)
-
-  def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
-
-  # the parameters mix uses: all but the MLP's
-  def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
-
-  def mix(self, x:Tensor) -> Tensor:
-    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
-    h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv, self.cfg.kernels)
-    if self.cfg.mixer == "attn":
-      q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-      q, k = rope(q, 0, self.cfg.rope_theta), rope(k, 0, self.cfg.rope_theta)
-      return self._out(x, h, q.scaled_dot_product_attention(k, v, is_causal=True))
+  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
     if self.cfg.conv:
       # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
-      w, L = self.cfg.conv, x.shape[1]
+      w, L = self.cfg.conv, qkv.shape[1]
       xp = qkv.pad((None, (w - 1, 0), None))
-      # the weights per batch row, their gradient in a buffer of its own: one reduce over every token of the batch would run a
-      # thread per weight
-      wb = self.conv.cast(qkv.dtype).unsqueeze(0).expand(x.shape[0], *self.conv.shape).contiguous_backward()
+      wb = self.conv.cast(qkv.dtype).unsqueeze(0).expand(qkv.shape[0], *self.conv.shape).contiguous_backward()   # grad per row first
       qkv = sum(xp[:, i:i + L] * wb[:, i:i + 1] for i in range(w))
-    q, k, v, u, gates = self._qkvug(h, qkv)
-    return self._out(x, h, memory_mix(q, k, v, u, gates, self.cfg, self._init_mem()))
+    return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0)
 
   def init_state(self, B:int) -> dict:
     dim, H = self.cfg.dim, self.cfg.n_heads
-    if self.cfg.mixer == "attn": return {"pos": 0, "k": None, "v": None}
-    return {"conv": Tensor.zeros(B, max(self.cfg.conv - 1, 0), 3 * dim), "mem": mem_init(self.cfg, B, H, dim // H, self._init_mem())}
+    return {"conv": Tensor.zeros(B, max(self.cfg.conv - 1, 0), 3 * dim), "mem": mem_init(self.cfg, B, H, dim // H, self.W0)}
 
-  def step(self, x:Tensor, st:dict) -> tuple[Tensor, dict]:
-    # one token x (B,1,dim) with the recurrent state
-    h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv, self.cfg.kernels)
-    if self.cfg.mixer == "attn":
-      q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-      q, k = rope(q, st["pos"], self.cfg.rope_theta), rope(k, st["pos"], self.cfg.rope_theta)
-      k, v = (k, v) if st["k"] is None else (st["k"].cat(k, dim=2), st["v"].cat(v, dim=2))
-      return self.mlp(self._out(x, h, q.scaled_dot_product_attention(k, v))), {"pos": st["pos"] + 1, "k": k, "v": v}
+  def jittable(self, t:int) -> bool:
+    # the same kernels as the step before, except where the cache changes (a segment's ends) or a deep core's chunk starts
+    C = self.cfg.segment
+    return t % C not in (0, C - 1) and not (self.cfg.core in DEEP and t % self.cfg.chunk == 0)
+
+  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
+    # one token (B,1,...) with the recurrent state -> y (B,H,1,D)
     conv = st["conv"]
     if self.cfg.conv:
       window = conv.cast(qkv.dtype).cat(qkv, dim=1)                          # (B, w, 3dim): the last w inputs
       conv, qkv = window[:, 1:], (window * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
-    q, k, v, u, gates = self._qkvug(h, qkv)
-    y, mem = mem_step(st["mem"], q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float(), u[:, :, 0].float(),
-                      {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self._init_mem())
-    return self.mlp(self._out(x, h, y.unsqueeze(2).cast(x.dtype))), {"conv": conv, "mem": mem}
+    q, k, v, u, gates = self._inputs(h, qkv)
+    y, mem = mem_step(st["mem"], *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0)
+    return y.unsqueeze(2).cast(h.dtype), {"conv": conv, "mem": mem}
+
+def rope(x:Tensor, pos:int, theta:float) -> Tensor:
+  # rotary position embedding on (B,H,L,D), positions pos..pos+L-1, rotating the two halves of D
+  L, D = x.shape[2:]
+  ang = np.arange(pos, pos + L, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)[None]
+  cos, sin = (Tensor(f(ang).astype(np.float32), device=x.device).cast(x.dtype) for f in (np.cos, np.sin))
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+class Attention:
+  """Causal softmax attention with RoPE on the plain projections x Wqkv (no conv, no L2 norm): the Transformer baseline."""
+  def __init__(self, cfg:MCConfig): self.cfg = cfg
+  def init_state(self, B:int) -> dict: return {"pos": 0, "k": None, "v": None}
+  # the key/value cache grows every token, and with it every step's shapes: nothing to replay
+  def jittable(self, t:int) -> bool: return False
+
+  def _qkv(self, qkv:Tensor, pos:int) -> list[Tensor]:
+    q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
+    return [rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta), v]
+
+  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
+    q, k, v = self._qkv(qkv, 0)
+    return q.scaled_dot_product_attention(k, v, is_causal=True)
+
+  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
+    q, k, v = self._qkv(qkv, st["pos"])
+    if st["k"] is not None: k, v = st["k"].cat(k, dim=2), st["v"].cat(v, dim=2)
+    return q.scaled_dot_product_attention(k, v), {"pos": st["pos"] + 1, "k": k, "v": v}
+
+MIXERS = {"mc": Memory, "attn": Attention}
+
+class Block:
+  """x -> RMSNorm -> x Wqkv -> the token mixer -> per-head RMSNorm -> times SiLU(x Wgate) -> Wo -> residual; then a SwiGLU MLP with
+  pre-RMSNorm and a residual. The mixer is memory caching, or attention for the Transformer baseline (the same block otherwise)."""
+  def __init__(self, cfg:MCConfig):
+    dim, hidden, out_scale = cfg.dim, -(-int(cfg.mlp_mult * cfg.dim) // 32) * 32, 1 / math.sqrt(2 * cfg.n_layers)
+    self.norm1, self.norm2, self.onorm = Tensor.ones(dim), Tensor.ones(dim), Tensor.ones(dim // cfg.n_heads)
+    self.wqkv, self.wgate, self.wo = _init(dim, dim, 3 * dim), _init(dim, dim, dim), _init(dim, dim, dim, scale=out_scale)
+    self.w1, self.w3, self.w2 = _init(dim, dim, hidden), _init(dim, dim, hidden), _init(hidden, hidden, dim, scale=out_scale)
+    # last, after the block's own weights: seeded random weights depend on the order they are drawn in
+    self.mixer = MIXERS[cfg.mixer](cfg)
+
+  def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
+    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
+    y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
+    return x + _lin(y * _lin(h, self.wgate, self.mixer.cfg.kernels).silu(), self.wo, self.mixer.cfg.kernels)
+
+  def mix(self, x:Tensor) -> Tensor:
+    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
+    h = _rms(x, self.norm1)
+    return self._out(x, h, self.mixer(h, _lin(h, self.wqkv, self.mixer.cfg.kernels)))   # q, k, v = x W (Eq. 4)
+
+  def mlp(self, x:Tensor) -> Tensor:
+    # the SwiGLU MLP with pre-RMSNorm and a residual
+    h = _rms(x, self.norm2)
+    return x + _lin(_lin(h, self.w1, self.mixer.cfg.kernels).silu() * _lin(h, self.w3, self.mixer.cfg.kernels), self.w2, self.mixer.cfg.kernels)
+
+  def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
+  # the parameters mix uses: all but the MLP's
+  def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
+
+  def step(self, x:Tensor, st:dict) -> tuple[Tensor, dict]:
+    # one token x (B,1,dim) with the recurrent state
+    h = _rms(x, self.norm1)
+    y, st = self.mixer.step(h, _lin(h, self.wqkv, self.mixer.cfg.kernels), st)
+    return self.mlp(self._out(x, h, y)), st
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -570,15 +567,15 @@ class Model:
     self.norm = Tensor.ones(cfg.dim)
     self._jits, self._plans = {}, {}                                       # decode steps captured by TinyJit, by state structure
 
-  def _logits(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)
+  def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)   # logits (B,L,vocab)
 
   def __call__(self, tokens:Tensor) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32
     x = self.emb[tokens].cast(self.cfg.dtype)
     for blk in self.blocks: x = blk(x)
-    return self._logits(x)
+    return self.head(x)
 
-  def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.init_state(B) for blk in self.blocks]}
+  def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.mixer.init_state(B) for blk in self.blocks]}
 
   def _step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     x = self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
@@ -586,16 +583,14 @@ class Model:
     for blk, st in zip(self.blocks, state["blocks"]):
       x, st = blk.step(x, st)
       new.append(st)
-    logits = self._logits(x)[:, 0]
+    logits = self.head(x)[:, 0]
     Tensor.realize(logits, *_leaves(new))
     return logits, {"t": state["t"] + 1, "blocks": new}
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     """One token per sequence (B,) -> logits (B,vocab) and the next state. The state is consumed: reuse only the returned one.
-    Inside a segment the step's kernels are the same every token, so they are captured once with TinyJit and replayed;
-    the first and last token of a segment, a deep core's chunk start and attention (whose cache grows) run eagerly."""
-    t, C, T = state["t"], self.cfg.segment, self.cfg.chunk
-    if self.cfg.mixer == "attn" or t % C in (0, C - 1) or (self.cfg.core in ("dla", "titans") and t % T == 0): return self._step(tokens, state)
+    Where every mixer runs the kernels of the token before (inside a segment), TinyJit captures the step once and replays it."""
+    if not all(blk.mixer.jittable(state["t"]) for blk in self.blocks): return self._step(tokens, state)
     # the state's tensors in traversal order (an entry may share one with the online state); the JIT takes distinct buffers
     own = {id(x): _plain(x) for x in _leaves(state)}
     flat = [own[id(x)] for x in _leaves(state)]

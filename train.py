@@ -72,9 +72,11 @@ PRESETS: dict[str, dict] = {
   # 2-core x86 CPU, clang 14 (DEV=CPU): 40-48 s wall, 520-590 tok/s once compiled, val bpb 7.965 -> 4.601 (`python train.py --preset=smoke`)
   "smoke": dict(dim=64, n_layers=2, n_heads=2, segment=32, chunk=16, seq_len=128, batch_size=4, steps=20, warmup=2, lr=4e-3,
                 eval_every=10, eval_batches=2, ckpt_every=10),
-  # H100 80GB (DEV=CUDA, JIT=2): 322 s wall (302 s training), 46,033 tok/s, val bpb 7.761 -> 1.666 (`DEV=CUDA python train.py`)
+  # H100 80GB (DEV=CUDA, JIT=2): 322 s wall (302 s training), 46,033 tok/s, val bpb 7.761 -> 1.666 (`DEV=CUDA python train.py`;
+  # before kernels.linear and CUDA graphs)
   "default": dict(dim=256, n_layers=4, n_heads=4, core="swla", agg="grm", segment=128, chunk=64, seq_len=512, batch_size=16),
-  # H100 80GB (DEV=CUDA, JIT=2): 305 s wall (279 s training), 37,021 tok/s, val bpb 7.575 -> 1.628, 22.4 M params (`DEV=CUDA python train.py --preset=gpu`)
+  # H100 80GB (DEV=CUDA, JIT=2): 305 s wall (279 s training), 37,021 tok/s, val bpb 7.575 -> 1.628, 22.4 M params
+  # (`DEV=CUDA python train.py --preset=gpu`; before kernels.linear and CUDA graphs)
   "gpu": dict(dim=512, n_layers=6, n_heads=8, core="swla", agg="grm", segment=256, chunk=64, seq_len=1024, batch_size=16, steps=500,
               lr=1e-3, warmup=100, eval_every=100, ckpt_every=250, dtype="bfloat16"),
   # H100 80GB: 6.4 steps/s (120,000 tok/s), so about 5.5 min; val answer accuracy 0.9994 at step 1000 (run stopped at 1128)
@@ -193,9 +195,8 @@ def device_defaults() -> dict:
   # On the CPU, tinygrad's kernel optimiser spends minutes generating code for a training graph (upcast, unrolled kernels) and
   # its compile pool respawns worker processes every 16 kernels: for the small models trained on a CPU, plain kernels built in
   # this process start 20x sooner (smoke: 15 s to the first step instead of 5 min on 2 cores) and run 2-3x slower.
-  # On CUDA, a CUDA graph of a jitted step with the custom kernels fails to build (cuGraphAddKernelNode: invalid argument):
-  # JIT=2 replays the same kernels without a graph. Defaults only: NOOPT=, PARALLEL= or JIT= set in the environment win.
-  want = {"CPU": (("NOOPT", 1), ("PARALLEL", 0)), "CUDA": (("JIT", 2),)}.get(Device.DEFAULT, ())
+  # Defaults only: NOOPT= or PARALLEL= set in the environment win.
+  want = {"CPU": (("NOOPT", 1), ("PARALLEL", 0))}.get(Device.DEFAULT, ())
   return {k: v for k, v in want if k not in os.environ}
 
 class MQAR:
@@ -327,7 +328,8 @@ def load_tensors(obj, path:Path, strict:bool=True):
   if strict and (extra := sorted(set(sd) - set(want))):
     raise ValueError(f"{path}: has {extra[:5]} that this model lacks (saved from a different config?)")
   for k, t in want.items():
-    if t.shape != sd[k][0].shape: raise ValueError(f"{path}: {k} has shape {sd[k][0].shape}, the model needs {t.shape} (saved from a different config?)")
+    if t.shape != sd[k][0].shape:
+      raise ValueError(f"{path}: {k} has shape {sd[k][0].shape}, the model needs {t.shape} (saved from a different config?)")
   for k, t in want.items():
     a, dt = sd[k]
     x = Tensor(a.copy(), device=t.device)

@@ -6,17 +6,10 @@ cache states S. Each case compiles its own kernels (~0.3 s each on CPU), so the 
 NOOPT=1 (what it computes does not change; its compile time halves). On CPU the kernels' tiles are plain loops; the first case
 builds them with the GPU's register tiles instead, so that their index arithmetic is checked here too.
 """
-import os
-import sys
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tinygrad import Device, Tensor, dtypes  # noqa: E402
-from tinygrad.helpers import Context  # noqa: E402
-import kernels  # noqa: E402
-import mc  # noqa: E402
+from tinygrad import Context, Device, Tensor, dtypes
+import kernels, mc
 
 RTOL = 1e-4
 
@@ -26,10 +19,7 @@ CASES = [("la",   3, 1,  63,  8,   16,   32,    False,     True,  True),
          ("swla", 1, 2, 100, 12,    8,   32,    True,      False, False),
          ("swla", 2, 2, 257,  4,   16,   64,    False,     True,  False)]
 
-
-def rel_rms(a, b):
-  return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
-
+def rel_rms(a, b) -> float: return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
 
 def run(fn, core, B, H, L, D, chunk, segment, independent, m0, seed=0):
   rng = np.random.default_rng(seed)
@@ -46,7 +36,6 @@ def run(fn, core, B, H, L, D, chunk, segment, independent, m0, seed=0):
   names = ["o", "S", "dq", "dk", "dv"] + ["da", "db", "dl"][:len(logits)] + ["dM0"] * m0
   return names, [x.numpy() for x in (o, S, *loss.gradient(*ins))]
 
-
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_chunk_scan_matches_reference(case, monkeypatch):
   *case, tiles = case
@@ -60,7 +49,6 @@ def test_chunk_scan_matches_reference(case, monkeypatch):
     err = rel_rms(g, r)
     assert err < RTOL, f"{name}: rel rms err {err:.2e} (max abs {np.abs(g - r).max():.2e})"
 
-
 def runs(dt) -> bool:
   # a capability probe: some CPUs' clang lacks bfloat16 even where the renderer lists it
   try:
@@ -68,7 +56,6 @@ def runs(dt) -> bool:
     return True
   except Exception:
     return False
-
 
 @pytest.mark.parametrize("dt", [dtypes.bfloat16, dtypes.float16], ids=["bf16", "f16"])
 def test_chunk_scan_half_inputs(dt):
@@ -82,7 +69,6 @@ def test_chunk_scan_half_inputs(dt):
   tol = 1e-2 if dt == dtypes.bfloat16 else 1e-3   # the rounding of o to the input dtype
   assert rel_rms(o.float().numpy(), ro.numpy()) < tol
   assert rel_rms(S.numpy(), rS.numpy()) < 1e-6
-
 
 def test_chunk_scan_rejects_bad_segment():
   q = Tensor.randn(1, 1, 8, 4)

@@ -7,18 +7,14 @@ that share a core sit next to each other so they reuse kernels built earlier in 
 Tiers: -m "not grid_full and not slow" is CI (~3 min on a 2-core CPU); `slow` marks the costly cases of a kind CI already
 covers (deep cores mostly: their graphs build 3-5x slower), `grid_full` the decode grid beyond CI, `kernels` the kernels=True cases.
 """
-import dataclasses, os, sys
+import dataclasses
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinygrad import Context, Tensor, TinyJit
 from tinygrad.nn.optim import AdamW
 from tinygrad.nn.state import get_parameters, get_state_dict, load_state_dict
 from mc import CORES, GATES, MCConfig, Model, memory_mix
-from oracle import DEEP, oracle_memory_mix
-from test_oracle_grid import H, D, MEM_EXPAND, make_inputs
+from oracle import D, DEEP, H, MEM_EXPAND, make_inputs, oracle_memory_mix
 
 RTOL = 1e-4
 SLOW = pytest.mark.slow
@@ -26,12 +22,6 @@ KERNELS = [pytest.param(False, id="plain"), pytest.param(True, id="kernels", mar
 
 def rel(a, ref) -> float: return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 def T(x) -> Tensor: return Tensor(np.ascontiguousarray(x, dtype=np.float32))
-
-def mix(q, k, v, u, gates, init, **kw) -> np.ndarray:
-  # mc.memory_mix on NumPy inputs from make_inputs (float32 inside), returned as float64
-  cfg = MCConfig(dim=H * D, n_heads=H, mem_expand=MEM_EXPAND, **{"kernels": False, **kw})
-  ti = None if init is None else {n: T(x) for n, x in init.items()}
-  return memory_mix(T(q), T(k), T(v), T(u), {n: T(x) for n, x in gates.items()}, cfg, ti).numpy().astype(np.float64)
 
 def oracle(q, k, v, u, gates, init, core, agg, **kw) -> np.ndarray: return oracle_memory_mix(q, k, v, u, gates, core, agg, init=init, **kw)
 
@@ -73,7 +63,7 @@ SEG_INIT = [("const", "checkpoint"), ("const", "independent"), ("log", "checkpoi
 
 @pytest.mark.parametrize("seg,init", SEG_INIT, ids=[f"{s}-{i[:4]}" for s, i in SEG_INIT])
 @pytest.mark.parametrize("core", ("la", "swla"))
-def test_soup_is_grm_for_linear(core, seg, init):
+def test_soup_is_grm_for_linear(core, seg, init, mix):
   # mixing linear states is mixing their outputs: mc's soup matches the oracle's grm and mc's grm the oracle's soup
   inp = make_inputs(20, 45, core, m0=True, segment=8)
   kw = dict(core=core, segmentation=seg, state_init=init, segment=8, chunk=4)
@@ -84,7 +74,7 @@ def test_soup_is_grm_for_linear(core, seg, init):
 
 @pytest.mark.parametrize("seg", ("const", "log"))
 @pytest.mark.parametrize("core", CORES)
-def test_ssc_with_every_entry_is_grm(core, seg):
+def test_ssc_with_every_entry_is_grm(core, seg, mix):
   # at most 5 cached entries (L=45, segment 8) or 4 for the costlier deep cores (L=20, segment 4): topk=5 selects them all
   L, C = (20, 4) if core in DEEP else (45, 8)
   inp = make_inputs(21, L, core, m0=True, segment=C)
@@ -94,7 +84,7 @@ def test_ssc_with_every_entry_is_grm(core, seg):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("seg", ("const", "log"))
-def test_la_residual_independent_is_linear_attention(seg, kernels):
+def test_la_residual_independent_is_linear_attention(seg, kernels, mix):
   # independent la compressors of the past blocks plus the online segment's partition [0, t]: their sum is causal linear attention
   q, k, v, u, gates, _ = make_inputs(22, 45, "la", segment=8)
   y = mix(q, k, v, u, gates, None, core="la", agg="residual", segmentation=seg, state_init="independent", segment=8, chunk=4, kernels=kernels)
@@ -103,8 +93,8 @@ def test_la_residual_independent_is_linear_attention(seg, kernels):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("core", ("la", "swla"))
-def test_linear_chunk_invariance(core, kernels):
-  # the chunk size of the scan does not change a linear core's result (SPEC 2); L=37 leaves partial chunks and segments
+def test_linear_chunk_invariance(core, kernels, mix):
+  # the chunk size of the scan does not change a linear core's result; L=37 leaves partial chunks and segments
   inp = make_inputs(23, 37, core, m0=True, segment=16)
   ys = [mix(*inp, core=core, agg="grm", segment=16, chunk=c, kernels=kernels) for c in (1, 4, 16)]
   ref = oracle(*inp, core, "grm", segment=16, chunk=1)

@@ -3,90 +3,20 @@
 Oracle self-checks only (no mc.py needed): python -m pytest tests/test_oracle_grid.py -k self
 Grid against the library: -k mc_ (the module name holds "oracle" and "grid", so -k on those selects everything).
 The kernels=True variants carry the `kernels` mark and the id "kernels": drop them with -m "not kernels".
-Grid cases outside the CI tier (and kernels=True for deep cores, where it runs the plain path) carry the `grid_full` mark: -m "not grid_full and not kernels" is the cheap tier.
+Grid cases outside the CI tier (and kernels=True for deep cores, where it runs the plain path) carry the `grid_full` mark:
+-m "not grid_full and not kernels" is the cheap tier.
 Case ids spell every setting (core-agg[-mix]-seg-init-L###-C<segment>-b<chunk>[-k<topk>][-m0][-tie..][-uq]).
 """
-import functools
-import math
-import os
-import sys
-import zlib
-
+import functools, math, zlib
 import numpy as np
 import pytest
+from oracle import AGGS, B, CORES, D, DEEP, E, H, deep_f, deep_grad, deep_loss, gelu, gelu_prime, l2n, make_inputs, oracle_memory_mix
+from oracle import _blocks, _run_core
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-for p in (HERE, os.path.dirname(HERE)):   # oracle.py lives here, mc.py in the repo root
-  if p not in sys.path:
-    sys.path.insert(0, p)
-
-from oracle import AGGS, CORES, DEEP, GATES, deep_f, deep_grad, deep_loss, gelu, gelu_prime, oracle_memory_mix  # noqa: E402
-
-B, H, D, MEM_EXPAND = 2, 2, 8, 4
-E = MEM_EXPAND * D
 RTOL = 1e-4
 MIN_MARGIN = 1e-4   # random ssc cases whose top-k boundary is closer than this are re-seeded (float32 could flip them)
 
-
-def sig(x):
-  return 1.0 / (1.0 + np.exp(-x))
-
-
-def l2n(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def unit_dyadic_keys(rng, n):
-  """Unit keys with four entries of +-1/2: exact in float32, so sums and power-of-two means of them are exact too."""
-  k = np.zeros((n, D))
-  for i in range(n):
-    idx = rng.choice(D, 4, replace=False)
-    k[i, idx] = rng.choice([-0.5, 0.5], 4)
-  return k
-
-
-def make_inputs(seed, L, core, m0=False, tie=None, segment=16, share_uq=False):
-  """Seeded inputs in the model's regime: q, k unit per token, u scaled so the softmax is not flat, gates per SPEC 5.
-
-  tie="some": segments 0, 2, 4 share their keys (so their pooled means tie exactly) and u points at that mean.
-  tie="all":  every segment has the same keys, so every complete block (any length, log blocks too) ties.
-  """
-  rng = np.random.default_rng(seed)
-  q = l2n(rng.standard_normal((B, H, L, D)))
-  k = l2n(rng.standard_normal((B, H, L, D)))
-  v = rng.standard_normal((B, H, L, D))
-  u = 2.0 * rng.standard_normal((B, H, L, D))
-  if tie is not None:
-    C = segment
-    k = unit_dyadic_keys(rng, B * H * L).reshape(B, H, L, D)
-    pat = k[:, :, :C].copy()
-    for s in ((2, 4) if tie == "some" else range(1, L // C)):
-      if (s + 1) * C <= L:
-        k[:, :, s * C:(s + 1) * C] = pat
-    if tie == "some":
-      p = pat.mean(2, keepdims=True)
-      u = 6.0 * p / np.linalg.norm(p, axis=-1, keepdims=True) + 0.5 * rng.standard_normal((B, H, L, D))
-  if share_uq:
-    u = q
-  N = lambda: rng.standard_normal((B, H, L))  # noqa: E731
-  # a: retention in (0.8, 1); e: ~0.1 (titans diverges for much larger steps, dla tolerates more)
-  gates = {"a": 0.8 + 0.2 * sig(N() + 1.5), "b": sig(N() - (1.0 if core == "titans" else 0.0)), "l": sig(N() + 1.0),
-           "e": 0.02 + 0.18 * sig(N()) if core == "titans" else 0.05 + 0.3 * sig(N())}
-  gates = {n: gates[n] for n in GATES[core]}
-  if core in DEEP:
-    init = {"W1": rng.standard_normal((H, D, E)) / math.sqrt(E), "W2": rng.standard_normal((H, E, D)) / math.sqrt(D)}
-  else:
-    init = {"M": 0.3 * rng.standard_normal((H, D, D))} if m0 else None
-  # round to float32 once, so the oracle evaluates exactly the inputs the library gets (u stays the same array as q)
-  r = lambda x: x.astype(np.float32).astype(np.float64)  # noqa: E731
-  q, k, v = r(q), r(k), r(v)
-  u = q if share_uq else r(u)
-  gates = {n: r(x) for n, x in gates.items()}
-  init = None if init is None else {n: r(x) for n, x in init.items()}
-  return q, k, v, u, gates, init
-
-
-# ---------------------------------------------------------------- oracle self-checks (no mc.py needed)
+# ***** oracle self-checks (no mc.py needed) *****
 
 @pytest.mark.parametrize("core", DEEP)
 def test_self_grad_matches_finite_differences(core):
@@ -107,14 +37,12 @@ def test_self_grad_matches_finite_differences(core):
     assert np.abs(g).max() > 1e-3   # a vacuous all-zero gradient would pass trivially
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
-
 def test_self_gelu_prime_and_tanh_form():
   x = np.linspace(-6, 6, 241)
   fd = (gelu(x + 1e-6) - gelu(x - 1e-6)) / 2e-6
   np.testing.assert_allclose(gelu_prime(x), fd, rtol=1e-7, atol=1e-9)
   # tanh approximation, not the erf one: they differ by ~1e-3 around |x| ~ 2
   assert abs(gelu(np.array(2.0)) - 1.9545976940) < 1e-9
-
 
 def test_self_dla_single_chunk_closed_form():
   # chunk >= L: every g_t is taken at W0, so W_t = W0 - sum_{j<=t} e_j g_j(W0) and o_t = f_{W_t}(q_t)
@@ -129,7 +57,6 @@ def test_self_dla_single_chunk_closed_form():
         W1, W2 = W1 - gates["e"][b, h, t] * g1, W2 - gates["e"][b, h, t] * g2
         np.testing.assert_allclose(y[b, h, t], deep_f(W1, W2, q[b, h, t]), rtol=1e-12, atol=1e-12)
 
-
 def test_self_swla_matches_unrolled_attention_form():
   # M_t = sum_j c_tj v_j k_j^T with c_tj = l_j prod_{j<i<=t} a_i + b_{j+1} prod_{j+1<i<=t} a_i (second term if j < t)
   L = 23
@@ -139,13 +66,12 @@ def test_self_swla_matches_unrolled_attention_form():
   for b in range(B):
     for h in range(H):
       for t in range(L):
-        dec = lambda j: np.prod(a[b, h, j + 1:t + 1])  # noqa: E731  prod_{j<i<=t} a_i
+        dec = lambda j: np.prod(a[b, h, j + 1:t + 1])  # prod_{j<i<=t} a_i
         M = dec(-1) * init["M"][h]
         for j in range(t + 1):
           c = lg[b, h, j] * dec(j) + (bg[b, h, j + 1] * dec(j + 1) if j < t else 0.0)
           M = M + c * np.outer(v[b, h, j], k[b, h, j])
         np.testing.assert_allclose(y[b, h, t], M @ q[b, h, t], rtol=1e-10, atol=1e-12)
-
 
 @pytest.mark.parametrize("core", ("la", "swla"))
 @pytest.mark.parametrize("segmentation,state_init", [("const", "checkpoint"), ("const", "independent"),
@@ -163,12 +89,10 @@ def test_self_soup_equals_grm_for_linear(core, segmentation, state_init):
   none = oracle_memory_mix(q, k, v, u, gates, core, "none", **kw)
   assert np.linalg.norm(grm - none) > 1e-2 * np.linalg.norm(none)   # the cache really contributes
 
-
 def _causal_la(q, k, v):
   # y_t = sum_{j<=t} v_j (k_j . q_t)
   A = np.tril(np.einsum("bhtd,bhjd->bhtj", q, k))
   return np.einsum("bhtj,bhjd->bhtd", A, v)
-
 
 @pytest.mark.parametrize("m0", (False, True))
 def test_self_la_independent_residual_is_causal_linear_attention(m0):
@@ -192,7 +116,6 @@ def test_self_la_independent_residual_is_causal_linear_attention(m0):
   m0q = np.einsum("hde,bhte->bhtd", init["M"], q) if m0 else 0.0
   np.testing.assert_allclose(y_none, _causal_la(q, k, v) + m0q, rtol=1e-10, atol=1e-12)
 
-
 @pytest.mark.parametrize("core", CORES)
 def test_self_independent_restarts_online_memory(core):
   # independent + none = the checkpoint core run afresh on each segment's slice (momentum 0, swla b-term cut, chunks
@@ -200,7 +123,7 @@ def test_self_independent_restarts_online_memory(core):
   L, C, b = 44, 8, 4
   q, k, v, u, gates, init = make_inputs(9, L, core, m0=True)
   y = oracle_memory_mix(q, k, v, u, gates, core, "none", segment=C, chunk=b, state_init="independent", init=init)
-  sl = lambda x, i: x[:, :, i:i + C]  # noqa: E731
+  sl = lambda x, i: x[:, :, i:i + C]
   ref = np.concatenate([oracle_memory_mix(sl(q, i), sl(k, i), sl(v, i), sl(u, i), {n: sl(g, i) for n, g in gates.items()}, core,
                                           "none", segment=C, chunk=b, init=init) for i in range(0, L, C)], 2)
   np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -208,14 +131,11 @@ def test_self_independent_restarts_online_memory(core):
     ref_la = np.concatenate([_causal_la(sl(q, i), sl(k, i), sl(v, i)) for i in range(0, L, C)], 2)
     np.testing.assert_allclose(y, ref_la + np.einsum("hde,bhte->bhtd", init["M"], q), rtol=1e-10, atol=1e-12)
 
-
 def test_self_log_blocks():
-  from oracle import _blocks
   assert _blocks(0, "log") == [] and _blocks(1, "log") == [(0, 1)]
   assert _blocks(5, "log") == [(0, 4), (4, 5)] and _blocks(6, "log") == [(0, 4), (4, 6)]
   assert _blocks(7, "log") == [(0, 4), (4, 6), (6, 7)] and _blocks(8, "log") == [(0, 8)]
   assert _blocks(3, "const") == [(0, 1), (1, 2), (2, 3)]
-
 
 @pytest.mark.parametrize("segmentation", ("const", "log"))
 def test_self_la_checkpoint_grm_explicit(segmentation):
@@ -239,10 +159,8 @@ def test_self_la_checkpoint_grm_explicit(segmentation):
     w /= w.sum(-1, keepdims=True)
     np.testing.assert_allclose(y[:, :, t], np.einsum("bhn,nbhd->bhd", w, np.stack(cs)), rtol=1e-10, atol=1e-12)
 
-
 def test_self_deep_soup_explicit():
   # soup mixes both W1 and W2 with the grm weights, then reads once; states recomputed with the oracle's core runner
-  from oracle import _run_core
   L, C, b = 30, 8, 4
   q, k, v, u, gates, init = make_inputs(16, L, "titans")
   y = oracle_memory_mix(q, k, v, u, gates, "titans", "soup", segment=C, chunk=b, init=init)
@@ -260,7 +178,6 @@ def test_self_deep_soup_explicit():
         W2 = sum(wi * st[j][1] for wi, j in zip(w, idx))
         np.testing.assert_allclose(y[bb, h, t], deep_f(W1, W2, q[bb, h, t]), rtol=1e-12, atol=1e-12)
 
-
 @pytest.mark.parametrize("core", CORES)
 def test_self_chunk_semantics(core):
   L = 32
@@ -276,15 +193,13 @@ def test_self_chunk_semantics(core):
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(ys[0], ys[2])
 
-
 @pytest.mark.parametrize("core", CORES)
 def test_self_reductions(core):
   # L = 1: nothing is cached, every aggregation is the online output. ssc with topk >= |P| is grm.
   # residual = (1 + |P|) mean.
   q, k, v, u, gates, init = make_inputs(11, 1, core, m0=True)
   none = oracle_memory_mix(q, k, v, u, gates, core, "none", init=init)
-  for agg in AGGS:
-    np.testing.assert_array_equal(oracle_memory_mix(q, k, v, u, gates, core, agg, init=init), none)
+  for agg in AGGS: np.testing.assert_array_equal(oracle_memory_mix(q, k, v, u, gates, core, agg, init=init), none)
   L, C = 45, 8
   q, k, v, u, gates, init = make_inputs(12, L, core, m0=True)
   for seg in ("const", "log"):
@@ -293,13 +208,11 @@ def test_self_reductions(core):
     np.testing.assert_allclose(oracle_memory_mix(q, k, v, u, gates, core, "ssc", topk=L // C, **kw), grm, rtol=1e-12)
     soup = oracle_memory_mix(q, k, v, u, gates, core, "soup", **kw)
     np.testing.assert_allclose(oracle_memory_mix(q, k, v, u, gates, core, "ssc", ssc_mix="soup", topk=9, **kw), soup, rtol=1e-12)
-    if core in DEEP:
-      assert np.linalg.norm(soup - grm) > 1e-3 * np.linalg.norm(grm)   # parameter mixing is not output mixing
+    if core in DEEP: assert np.linalg.norm(soup - grm) > 1e-3 * np.linalg.norm(grm)   # parameter mixing is not output mixing
     n = np.array([bin(t // C).count("1") if seg == "log" else t // C for t in range(L)], float)   # |P(t)|
     res = oracle_memory_mix(q, k, v, u, gates, core, "residual", **kw)
     mean = oracle_memory_mix(q, k, v, u, gates, core, "mean", **kw)
     np.testing.assert_allclose(res, mean * (1 + n)[None, None, :, None], rtol=1e-12, atol=1e-12)
-
 
 def test_self_ssc_tie_prefers_recent_entry():
   # every segment has the same keys, so all cached z tie; with topk=1 ssc must read only the newest entry.
@@ -322,7 +235,6 @@ def test_self_ssc_tie_prefers_recent_entry():
     g_on = 1 / (1 + np.exp(z - z_on))
     np.testing.assert_allclose(y[:, :, t], g_on[..., None] * o + (1 - g_on)[..., None] * c, rtol=1e-10, atol=1e-12)
 
-
 def test_self_rejects_invalid():
   q, k, v, u, gates, init = make_inputs(14, 20, "dla")
   with pytest.raises(ValueError):
@@ -330,13 +242,11 @@ def test_self_rejects_invalid():
   with pytest.raises(ValueError):
     oracle_memory_mix(q, k, v, u, gates, "lstm", "grm", init=init)
 
-
-# ---------------------------------------------------------------- the grid against mc.memory_mix
+# ***** the grid against mc.memory_mix *****
 
 AGG_LIST = [("none", "grm"), ("residual", "grm"), ("grm", "grm"), ("soup", "grm"), ("ssc", "grm"), ("ssc", "soup"),
             ("mean", "grm")]
 SEGS, INITS = ("const", "log"), ("checkpoint", "independent")
-
 
 def _case(core, agg, mix, seg, init, L, segment, chunk, topk=2, m0=False, tie=None, uq=False, ci=True):
   c = dict(core=core, agg=agg, ssc_mix=mix, segmentation=seg, state_init=init, L=L, segment=segment, chunk=chunk, topk=topk,
@@ -348,7 +258,6 @@ def _case(core, agg, mix, seg, init, L, segment, chunk, topk=2, m0=False, tie=No
   name += "-uq" if uq else ""
   c["id"] = name
   return c
-
 
 def build_grid():
   """(valid cases, invalid deep log+independent cases). Deterministic.
@@ -367,10 +276,8 @@ def build_grid():
           if core in DEEP and seg == "log" and init == "independent":
             invalid.append(_case(core, agg, mix, seg, init, 100, 8, 4))
             continue
-          if seg == "log":
-            segment, chunk = 8, (4 if (ci + ai) % 2 == 0 else 8)
-          else:
-            segment, chunk = [(16, 8), (8, 4), (16, 4)][(ci + ai + ii) % 3]
+          if seg == "log": segment, chunk = 8, (4 if (ci + ai) % 2 == 0 else 8)
+          else: segment, chunk = [(16, 8), (8, 4), (16, 4)][(ci + ai + ii) % 3]
           m0 = core not in DEEP and (ai + si + ii) % 2 == 1
           tier = combos[(ai + ci) % len(combos)] == (seg, init)   # one (seg, init) per (core, agg), rotating
           cases.append(_case(core, agg, mix, seg, init, 100, segment, chunk, m0=m0, ci=tier))
@@ -380,8 +287,7 @@ def build_grid():
   for core in CORES:
     for seg in SEGS:
       for init in INITS:
-        if core in DEEP and seg == "log" and init == "independent":
-          continue
+        if core in DEEP and seg == "log" and init == "independent": continue
         segment, chunk = [(8, 4), (16, 8)][n % 2]
         for j in (0, 1):
           agg, mix = AGG_LIST[(2 * n + j) % len(AGG_LIST)]
@@ -414,14 +320,10 @@ def build_grid():
   assert len(ids) == len(set(ids)), "duplicate case ids"
   return cases, invalid
 
-
 GRID, INVALID = build_grid()
 
-
-def _oracle_kwargs(c):
-  return dict(segmentation=c["segmentation"], segment=c["segment"], state_init=c["state_init"], topk=c["topk"],
-              ssc_mix=c["ssc_mix"], chunk=c["chunk"])
-
+# the settings of a case that the oracle and MCConfig share
+def _settings(c) -> dict: return {n: c[n] for n in ("segmentation", "segment", "state_init", "topk", "ssc_mix", "chunk")}
 
 @functools.lru_cache(maxsize=None)
 def case_data(cid):
@@ -432,32 +334,13 @@ def case_data(cid):
     q, k, v, u, gates, init = make_inputs(seed + attempt, c["L"], c["core"], m0=c["m0"], tie=c["tie"], segment=c["segment"],
                                           share_uq=c["uq"])
     st = {}
-    ref = oracle_memory_mix(q, k, v, u, gates, c["core"], c["agg"], init=init, stats=st, **_oracle_kwargs(c))
+    ref = oracle_memory_mix(q, k, v, u, gates, c["core"], c["agg"], init=init, stats=st, **_settings(c))
     # a random near-tie at the top-k boundary would make the float32 selection a coin flip: take the next seed
-    if c["agg"] != "ssc" or c["tie"] or st["min_margin"] > MIN_MARGIN:
-      break
-  else:
-    raise AssertionError(f"no seed without a top-k near-tie for {cid}")
-  if c["tie"]:
-    assert st["min_margin"] == 0.0, "the tie case must put an exact tie on the top-k boundary"
+    if c["agg"] != "ssc" or c["tie"] or st["min_margin"] > MIN_MARGIN: break
+  else: raise AssertionError(f"no seed without a top-k near-tie for {cid}")
+  if c["tie"]: assert st["min_margin"] == 0.0, "the tie case must put an exact tie on the top-k boundary"
   assert np.all(np.isfinite(ref))
   return q, k, v, u, gates, init, ref
-
-
-def _mc():
-  return pytest.importorskip("mc")
-
-
-def _cfg(mc, c, kernels):
-  return mc.MCConfig(dim=H * D, n_layers=1, n_heads=H, core=c["core"], agg=c["agg"], segmentation=c["segmentation"],
-                     segment=c["segment"], state_init=c["state_init"], topk=c["topk"], ssc_mix=c["ssc_mix"], chunk=c["chunk"],
-                     mem_expand=MEM_EXPAND, kernels=kernels)
-
-
-def _T(x):
-  from tinygrad import Tensor
-  return Tensor(np.ascontiguousarray(x, dtype=np.float32))
-
 
 def _grid_params():
   # kernels=True changes only the linear cores' path: for deep cores it is the plain run again, left to the full grid
@@ -467,28 +350,18 @@ def _grid_params():
       marks = [pytest.mark.kernels] * kernels + [pytest.mark.grid_full] * full
       yield pytest.param(c["id"], kernels, marks=marks, id=f"{c['id']}-{'kernels' if kernels else 'plain'}")
 
-
 @pytest.mark.parametrize("cid,kernels", list(_grid_params()))
-def test_mc_matches_oracle(cid, kernels):
-  mc = _mc()
+def test_mc_matches_oracle(cid, kernels, mix):
   c = next(x for x in GRID if x["id"] == cid)
   q, k, v, u, gates, init, ref = case_data(cid)
-  cfg = _cfg(mc, c, kernels)
-  tinit = None if init is None else {n: _T(a) for n, a in init.items()}
-  tq = _T(q)
-  # share-u-with-q passes the very same Tensor for u and q
-  out = mc.memory_mix(tq, _T(k), _T(v), tq if c["uq"] else _T(u), {n: _T(a) for n, a in gates.items()}, cfg, tinit)
-  y = out.numpy()
+  # with share_uq, make_inputs returns u as the very array q, and mix passes the very same Tensor for both
+  y = mix(q, k, v, u, gates, init, core=c["core"], agg=c["agg"], kernels=kernels, **_settings(c))
   assert y.shape == ref.shape
-  rel = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
+  rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
   assert rel < RTOL, f"{cid}: rel err {rel:.3g}"
 
-
 @pytest.mark.parametrize("cid", [c["id"] for c in INVALID])
-def test_mc_deep_log_independent_raises(cid):
-  mc = _mc()
+def test_mc_deep_log_independent_raises(cid, mix):
   c = next(x for x in INVALID if x["id"] == cid)
-  q, k, v, u, gates, init = make_inputs(0, 20, c["core"], segment=c["segment"])
-  with pytest.raises(ValueError):
-    cfg = _cfg(mc, c, False)
-    mc.memory_mix(_T(q), _T(k), _T(v), _T(u), {n: _T(a) for n, a in gates.items()}, cfg, {n: _T(a) for n, a in init.items()})
+  inputs = make_inputs(0, 20, c["core"], segment=c["segment"])
+  with pytest.raises(ValueError): mix(*inputs, core=c["core"], agg=c["agg"], **_settings(c))
