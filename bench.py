@@ -14,7 +14,7 @@ Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its
 train also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
 are imported here only, inside try, and run in a process of their own, so that each framework keeps its own CUDA context; a
 missing peer prints one line and the rows without it. Every time is the median of synchronised runs after a warm-up (TinyJit
-captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU, JIT=2 on CUDA).
+captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU).
 """
 import contextlib, dataclasses, functools, gc, inspect, io, json, math, re, statistics, sys, time, typing
 from dataclasses import dataclass
