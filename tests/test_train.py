@@ -5,7 +5,7 @@ Every run uses the smoke preset's model and window shape, so tinygrad compiles i
 smoke run is conftest.py's session fixture `smoke_run`. `PYTHONPATH=. python tests/test_train.py --record` rewrites tests/golden_smoke.json
 from a fresh run (only when the model or training math changes on purpose).
 """
-import json, os, re, shutil, signal, subprocess, sys, time
+import inspect, json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -225,6 +225,15 @@ def test_import_from_elsewhere(tmp_path):
   code = "import mc, train, eval, data; print(train.__file__)"
   r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
   assert r.returncode == 0 and r.stdout.strip() == str(ROOT / "train.py"), r.stderr
+
+def test_no_outside_files_cited():
+  # train.py, eval.py, their tests and the README's parts on using them name no file or issue outside the repository
+  readme = (ROOT / "README.md").read_text()
+  parts = [readme[readme.index("## Quick start"):readme.index("## Tests")], readme[readme.index("## Troubleshooting"):]]
+  for f in ("train.py", "eval.py", "conftest.py", "tests/test_train.py", "tests/test_eval.py", "tests/test_data.py"):
+    # less the lines that check for such names (this test, the help tests)
+    parts.append((ROOT / f).read_text().replace(inspect.getsource(test_no_outside_files_cited), "").replace('"SPEC" not in out', ""))
+  for text in parts: assert not (m := re.search(r".*(SPEC|issue \d).*", text)), m[0]
 
 def test_unsupported_dtype(monkeypatch):
   ren = Device[Device.DEFAULT].renderer
