@@ -3,7 +3,7 @@ Shapes cover a 3-d input, a token count that splits the weight gradient into sli
 and widths that are no multiple of a tensor-core tile."""
 import numpy as np
 import pytest
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 import kernels
 
 def _grads(fn, xa, wa, ga) -> list[np.ndarray]:
