@@ -22,7 +22,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import get_parameters, get_state_dict
 import mc, train
-from kernels import cache_read, chunk_scan, supported
+from kernels import cache_read, chunk_scan, linear, supported
 from mc import CORES, Block, MCConfig, Model
 
 @dataclass
@@ -143,6 +143,22 @@ def bench_chunk_scan(B:int=4, H:int=16, L:int=8192, D:int=64, chunk:int=64, segm
       rows.append((f"chunk_scan {core}{' indep' * independent} {name}", shape, err[name], rel[name], *t))
   return rows
 
+def bench_linear(tokens:int, din:int, dout:int, dtype=dtypes.float, reps:int=20) -> list[tuple]:
+  """Validate kernels.linear against x @ w on fresh random inputs, then time both: forward, and forward+backward (dx, dw).
+  Rows as bench_chunk_scan's; a half x's reference gets the same rounded x and w in float32."""
+  Tensor.manual_seed(0)
+  x, w, gy = Tensor.randn(tokens, din).cast(dtype).realize(), (Tensor.randn(din, dout) * din ** -0.5).realize(), Tensor.randn(tokens, dout).realize()
+  plain = lambda x, w: x @ w.cast(x.dtype)
+  def fwd(f, x, w): return [f(x, w)]
+  def step(f, x, w): return [(y := f(x, w)), *(y.float() * gy).sum().gradient(x, w)]
+  rows = []
+  for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+    ref = _numpy(fn(plain, x.float(), w.cast(dtype).float()))
+    err, rel = _errors(ref, _numpy(fn(linear, x, w)))
+    t = [time_ms(TinyJit(functools.partial(fn, f)), x, w, reps=reps, warm=3) for f in (plain, linear)]
+    rows.append((f"linear {name}", f"tokens={tokens} {din}x{dout} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
+  return rows
+
 def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
                      reps:int=10) -> list[tuple]:
   """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
@@ -224,6 +240,10 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   for agg, dt, seg, k in READ_CASES:
     if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
       add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
+  # linear: the projections' product at a token count that splits its weight gradient (the default preset's on a GPU)
+  for dt in ("float32", "bfloat16"):
+    if supported(dt) and (not only or any(o in f"linear {dt}" for o in only)):
+      add(bench_linear(*((3000, 48, 80) if Device.DEFAULT == "CPU" else (8192, 256, 768)), dtype=getattr(dtypes, dt), reps=reps), dt)
   return rows
 
 def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:
