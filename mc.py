@@ -198,13 +198,11 @@ def fenwick(s:int) -> list[tuple[int, int]]:
   ends = [s >> bit << bit for bit in reversed(range(s.bit_length())) if s >> bit & 1]   # s with the bits below each set bit cleared
   return list(zip([0] + ends[:-1], ends))
 
-def reads_of(s:int, segmentation:str) -> list[tuple[int, int]]: return [(i, i + 1) for i in range(s)] if segmentation == "const" else fenwick(s)
-
 def cache_plan(n_seg:int, segmentation:str) -> tuple[list[tuple[int, int]], np.ndarray]:
   """The cache entries a sequence of n_seg segments (the last may be partial) needs, as blocks [start, end) in segment units
   ordered by start (so among the entries a token reads, a larger index is more recent), and reads (n_seg, N) bool:
   reads[s, i] says tokens of segment s read entry i. const: P = {0..s-1}; log: the Fenwick blocks of s."""
-  per_seg = [reads_of(s, segmentation) for s in range(n_seg)]
+  per_seg = [[(i, i + 1) for i in range(s)] if segmentation == "const" else fenwick(s) for s in range(n_seg)]
   blocks = sorted({blk for p in per_seg for blk in p})
   reads = np.array([[blk in p for blk in blocks] for p in per_seg], dtype=bool).reshape(n_seg, len(blocks))
   return blocks, reads
@@ -225,9 +223,8 @@ def online_pool(k:Tensor, C:int) -> Tensor:
   cs = avg.cast(k.dtype) @ _pad_time(k, ns * C - L, 2).reshape(B, H, ns, C, D)
   return cs.reshape(B, H, ns * C, D)[:, :, :L]
 
-def token_reads(reads:np.ndarray, C:int, L:int) -> np.ndarray: return np.repeat(reads, C, axis=0)[:L]   # (L, N)
 # the entries each token reads (L,N): from reads (n_seg,N), or a decode step's (1,N) Tensor of the live entries
-def _mask(reads, C:int, L:int, dev) -> Tensor: return reads if isinstance(reads, Tensor) else Tensor(token_reads(reads, C, L), device=dev)
+def _mask(reads, C:int, L:int, dev) -> Tensor: return reads if isinstance(reads, Tensor) else Tensor(np.repeat(reads, C, axis=0)[:L], device=dev)
 
 # ***** aggregation: what a token reads from its online memory and the cache *****
 
@@ -355,79 +352,77 @@ def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig,
   o, cache, online = SCANS[cfg.core](q, k, v, gates, init, blocks, cfg, fused)
   if not blocks: return o.cast(dt)                                           # no segment is complete: nothing is cached yet
   cache["p"] = pooled(k, blocks, C)
-  if state is not None: _fill(state, cfg, blocks, cache, k, v, gates, L)
+  if state is not None: _fill(state, cfg, blocks, reads[-1], cache, k, v, gates, init, L)
   return read_cache(cfg, q, o, u, cache, online_pool(k, C), reads[:-(-L // C)], C, fused, online).cast(dt)
 
 # ***** the recurrence token by token: decoding, and the obviously-right reference of memory_mix *****
-# A decode state has a fixed shape: the online memory, the running key sum of its segment, and the cache in N preallocated slots
-# ("E" + the entry's field), a slot live where its count En > 0; the position comes in as a Tensor, so one graph serves every token.
-
-def slots(cfg:MCConfig, max_len:int) -> int:
-  # cache slots for max_len tokens: one per segment (const), one per Fenwick level (log, the largest level first)
-  return max(1, max_len // cfg.segment if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())
-
-def _fields(cfg:MCConfig) -> tuple[str, ...]:
-  # what an entry holds: the state, its key sum and count, and what merging independent linear compressors needs (_merge)
-  extra = ("A", "c", "k", "v") if cfg.segmentation == "log" and cfg.state_init == "independent" else ()
-  return ("W1", "W2") if cfg.core in DEEP else ("M",), extra
 
 def _fresh(cfg:MCConfig, B:int, H:int, D:int, init:dict|None) -> dict:
-  # the online memory at the start (and at every independent segment's start): M0 and no previous token, or W0 and no momentum
-  if cfg.core in DEEP: return {"W1": init["W1"].float().expand(B, *init["W1"].shape), "W2": init["W2"].float().expand(B, *init["W2"].shape),
-                               "S1": Tensor.zeros(B, H, *init["W1"].shape[1:]), "S2": Tensor.zeros(B, H, *init["W2"].shape[1:])}
-  M0 = Tensor.zeros(H, D, D) if init is None else init["M"].float()
-  return {"M": M0.expand(B, H, D, D), "pk": Tensor.zeros(B, H, D), "pv": Tensor.zeros(B, H, D)}
+  # the online memory at the start (and at every independent segment's start): M0, or W0 and no momentum
+  if cfg.core not in DEEP: return {"M": (Tensor.zeros(H, D, D) if init is None else init["M"].float()).expand(B, H, D, D)}
+  W = {x: init[x].float().expand(B, *init[x].shape) for x in ("W1", "W2")}
+  return {**W, "S1": W["W1"].zeros_like(), "S2": W["W2"].zeros_like()}
+
+def _levels(N:int) -> Tensor: return Tensor(2 ** (N - 1 - np.arange(N, dtype=np.int32)))   # 2^j of log slot N-1-j, the largest first
 
 def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> dict:
-  # the online memory, its chunk-start weights (deep) or gate products (linear), its key sum, and N empty cache slots, all realized
+  """A decode state of fixed shape, realized: the online memory ("M", the previous token's "pk", "pv"; or "W1", "W2", titans' momentum
+  "S1", "S2", the chunk-start "Ws1", "Ws2"), the online key sum "ksum", and the cache in N slots, "E" + an entry's field (state, "ksum",
+  count "n", 0 where empty). const: slot i holds segment i; log: slot N-1-j the Fenwick block of 2^j segments, and for independent
+  compressors "R" each level's compressor since its block started."""
   st = {**_fresh(cfg, B, H, D, init), "ksum": Tensor.zeros(B, H, D)}
-  st.update({"Ws1": st["W1"], "Ws2": st["W2"]} if cfg.core in DEEP else {"A": Tensor.ones(B, H), "c": Tensor.zeros(B, H)})
+  st.update({f"Ws{i}": _fresh(cfg, B, H, D, init)[f"W{i}"] for i in (1, 2)} if cfg.core in DEEP else {x: Tensor.zeros(B, H, D) for x in ("pk", "pv")})
   if AGG[cfg.agg].weights is not None:
-    N, (state, extra) = slots(cfg, max_len), _fields(cfg)
-    shape = {**{x: st[x].shape[2:] for x in state}, "ksum": (D,), "A": (), "c": (), "k": (D,), "v": (D,)}
-    st.update({"E" + x: Tensor.zeros(B, H, N, *shape[x]) for x in (*state, "ksum", *extra)}, En=Tensor.zeros(N))
+    N = max(1, max_len // cfg.segment if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())
+    st.update({"E" + x: Tensor.zeros(B, H, N, *st[x].shape[2:]) for x in ("M", "W1", "W2", "ksum") if x in st}, En=Tensor.zeros(N))
+    if cfg.segmentation == "log" and cfg.state_init == "independent": st["R"] = Tensor.zeros(B, H, N, D, D)
   return {x: t.contiguous().realize() for x, t in st.items()}
 
-def _fill(st:dict, cfg:MCConfig, blocks:list, cache:dict, k:Tensor, v:Tensor, gates:dict, L:int):
-  # the decode state after token L-1, the end of segment s: the entries a token of segment s reads, in their slots, and the online
-  # memory, the state at s's end (an independent one restarts at the next token)
-  C, s, (state, extra) = cfg.segment, L // cfg.segment, _fields(cfg)
+def _fill(st:dict, cfg:MCConfig, blocks:list, mine:np.ndarray, cache:dict, k:Tensor, v:Tensor, gates:dict, init:dict|None, L:int):
+  # assigns the decode state after token L-1, the end of segment s: the online memory (an independent one restarts at the next token)
+  # and the entries that a token of segment s reads (mine[i]: block i), in their slots
+  C, s = cfg.segment, L // cfg.segment
   end = [e for _, e in blocks].index(s)
-  new = {x: cache[x][:, :, end] for x in state} | {x: cache[x] for x in ("S1", "S2") if x in cache}
-  new.update({"pk": k[:, :, L - 1], "pv": v[:, :, L - 1]} if cfg.core not in DEEP else {})
+  new = {x: cache[x][:, :, end] for x in ("M", "W1", "W2") if x in cache} | {x: cache[x] for x in ("S1", "S2") if x in cache}
+  if "M" in cache: new.update(pk=k[:, :, L - 1], pv=v[:, :, L - 1])
   if "En" in st:
-    N, mine = st["En"].shape[0], reads_of(s, cfg.segmentation)
-    slot = {b: i if cfg.segmentation == "const" else N - (b[1] - b[0]).bit_length() for i, b in enumerate(mine)}
-    onehot = np.array([[slot.get(b) == j for b in blocks] for j in range(N)], np.float32)   # (N, entries): block -> its slot
+    N = st["En"].shape[0]
+    slot = [a if cfg.segmentation == "const" else N - (e - a).bit_length() for a, e in blocks]
+    onehot = np.array([[m and i == j for i, m in zip(slot, mine)] for j in range(N)], np.float32)   # (N, entries): block -> its slot
     n = np.array([(e - a) * C for a, e in blocks], np.float32)
-    ent = {**{x: cache[x] for x in state}, "ksum": cache["p"] * Tensor(n).reshape(-1, 1)}
-    if extra: ent.update(_merge_terms(blocks, k, v, gates, C))
-    put = lambda x: (Tensor(onehot) @ x.flatten(3) if x.ndim > 3 else x @ Tensor(onehot).T).reshape(*x.shape[:2], N, *x.shape[3:])
-    new.update({"E" + x: put(val) for x, val in ent.items()}, En=Tensor(onehot @ n))
+    put = lambda x: (Tensor(onehot) @ x.flatten(3)).reshape(*x.shape[:2], N, *x.shape[3:])
+    new.update({"E" + x: put(cache[x]) for x in ("M", "W1", "W2") if x in cache}, Eksum=put(cache["p"] * Tensor(n).reshape(-1, 1)))
+    new["En"] = Tensor(onehot @ n)
+  if "R" in st:
+    # level j's compressor of its block so far, segments s - s % 2^j .. s-1 (none where its next block starts at s)
+    la, b, l = (gates["a"].log(), gates["b"], gates["l"]) if gates else (None, None, None)
+    M0, span = None if init is None else init["M"].float(), lambda x, a: None if x is None else x[:, :, a * C:L]
+    R = [linear_scan(*(span(x, s - s % 2 ** j) for x in (k, k, v, la, b, l)), M0, cfg.chunk, s % 2 ** j * C, True)[1][:, :, 0]
+         if s % 2 ** j else Tensor.zeros(*k.shape[:2], k.shape[-1], k.shape[-1]) for j in reversed(range(st["R"].shape[2]))]
+    new["R"] = Tensor.stack(*R, dim=2)
   for x, val in new.items(): st[x].assign(val)
 
-def _merge_terms(blocks:list, k:Tensor, v:Tensor, gates:dict, C:int) -> dict:
-  # what merging independent compressors needs of each block (_merge): its product of a, its first b-term decayed to its end, its
-  # last key and value
-  cs = (gates["a"].log().cumsum(-1) if gates else k[..., 0] * 0).pad((None, None, (1, 0)))          # (B,H,L+1): log a summed to t
-  at = lambda x, idx: Tensor.stack(*[x[:, :, i] for i in idx], dim=2)
-  A = (at(cs, [e * C for _, e in blocks]) - at(cs, [a * C for a, _ in blocks])).exp()
-  c = (at(gates["b"], [a * C for a, _ in blocks]) if gates else 0) * (at(cs, [e * C for _, e in blocks]) - at(cs, [a * C + 1 for a, _ in blocks])).exp()
-  return {"A": A, "c": c, "k": at(k, [e * C - 1 for _, e in blocks]), "v": at(v, [e * C - 1 for _, e in blocks])}
 def _outer(x:Tensor, y:Tensor) -> Tensor: return x.unsqueeze(-1) * y.unsqueeze(-2)
 def _mat(x:Tensor) -> Tensor: return x.unsqueeze(-1).unsqueeze(-1)   # a per-(batch, head) scalar (B,H) that scales matrices (B,H,1,1)
 
-def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor) -> tuple[Tensor, None]:
-  # la / swla, one token: update M in st, return o_t = M_t q_t (the previous token's pk, pv are zero at the start: no b-term)
-  if g: a, b, M = g["a"], g["b"], _mat(g["a"]) * st["M"] + _mat(g["l"]) * _outer(v, k) + _mat(g["b"]) * _outer(st["pv"], st["pk"])  # Eq. 28
-  else: a, b, M = q.ones_like()[..., 0], q.zeros_like()[..., 0], st["M"] + _outer(v, k)                # Eq. 12
-  # for merging independent compressors: A = prod a over the segment, c = its first b-term decayed to now
+def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor, fresh:dict) -> tuple[Tensor, None]:
+  # la / swla, one token: update M (and log + independent's level compressors R) in st, return o_t = M_t q_t
   first = pos % cfg.segment == 0
-  st.update(M=M, pk=k, pv=v, A=first.where(a, st["A"] * a), c=first.where(b, st["c"] * a))
-  return (M @ q.unsqueeze(-1))[..., 0], None
+  def upd(M:Tensor, restart:Tensor) -> Tensor:
+    # M (B,H,n,D,D): Eq. 28 (Eq. 12 without gates); a compressor that restarts here starts from M0 with no b-term (pk, pv are zero
+    # before the first token too)
+    M, vk = restart.where(fresh["M"].unsqueeze(2), M), _outer(v, k).unsqueeze(2)
+    if not g: return M + vk
+    a, l, b = (g[x].reshape(*g[x].shape, 1, 1, 1) for x in ("a", "l", "b"))
+    return a * M + l * vk + b * restart.where(0, _outer(st["pv"], st["pk"]).unsqueeze(2))
+  # log + independent: level j restarts at the start of every 2^j-th segment
+  if "R" in st: st["R"] = upd(st["R"], ((pos // cfg.segment % _levels(st["R"].shape[2]) == 0) & first).reshape(-1, 1, 1))
+  st.update(M=upd(st["M"].unsqueeze(2), (first & (cfg.state_init == "independent")).reshape(1, 1, 1))[:, :, 0], pk=k, pv=v)
+  return (st["M"] @ q.unsqueeze(-1))[..., 0], None
 
-def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor) -> tuple[Tensor, tuple]:
+def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor, fresh:dict) -> tuple[Tensor, tuple]:
   # dla / titans, one token with its gradient at the chunk-start weights Ws: update st, return o_t = f_{W_t}(q_t) and W_t's readers
+  if cfg.state_init == "independent": st.update({x: (pos % cfg.segment == 0).where(val, st[x]) for x, val in fresh.items()})
   cs = pos % cfg.chunk == 0
   st.update(Ws1=cs.where(st["W1"], st["Ws1"]), Ws2=cs.where(st["W2"], st["Ws2"]))
   r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), st["Ws1"], st["Ws2"])
@@ -442,59 +437,32 @@ def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:T
   read2, read1 = (lambda x: x @ W2.transpose(-1, -2)), (lambda h: h @ W1.transpose(-1, -2))
   return q + read1(read2(q.unsqueeze(-2)).gelu())[..., 0, :], (read2, read1)
 
-# each core's token step: (state, q, k, v, gates, cfg, position) -> o (B,H,D) and the online readers, the state updated in place
+# each core's token step: (state, q, k, v, gates, cfg, position, the fresh memory) -> o (B,H,D) and the online readers, st updated
 STEPS = {"la": step_linear, "swla": step_linear, "dla": step_deep, "titans": step_deep}
-
-def _merge(X:dict, Y:dict, init:dict|None, indep:bool) -> dict:
-  # two adjacent log blocks become one, as a binary counter carries; pooled means merge by count
-  out = {**Y, "ksum": X["ksum"] + Y["ksum"], "n": X["n"] + Y["n"]}
-  if indep and "M" in Y:
-    # the union's compressor: X decayed through Y, Y's own tokens, and Y's first b-term that now reaches X's last token (Eq. 28)
-    M = _mat(Y["A"]) * (X["M"] - (0 if init is None else init["M"].float())) + Y["M"] + _mat(Y["c"]) * _outer(X["v"], X["k"])
-    out.update(M=M, A=X["A"] * Y["A"], c=X["c"] * Y["A"])
-  return out
-
-def _sel(m:Tensor, X:dict, Y:dict) -> dict: return {x: m.where(X[x], Y[x]) for x in Y}
-
-def _write(E:dict, Y:dict, s1:Tensor, cfg:MCConfig, init:dict|None) -> tuple[Tensor, Tensor, dict]:
-  # where the entry Y of the segment ending now goes: const, slot s1 - 1; log, the level where a binary counter's carry lands (s1's
-  # lowest set bit), Y merged with the levels below it, which empty. Returns the (N,) masks land and carry, and the entry to write
-  N = E["n"].shape[0]
-  if cfg.segmentation == "const": return Tensor.arange(N) == s1 - 1, Tensor.zeros(N, dtype=dtypes.bool), Y
-  unit = Tensor(2 ** (N - 1 - np.arange(N, dtype=np.int32)))                # 2^level of each slot, the largest (oldest) first
-  carry, land = s1 % (2 * unit) == 0, (s1 % unit == 0) & (s1 % (2 * unit) != 0)
-  acc, started, indep = None, None, cfg.state_init == "independent"
-  for i in range(N):
-    # fold the carried levels oldest first, then Y
-    Ei = {x: E[x][i] if x == "n" else E[x][:, :, i] for x in E}
-    acc = Ei if acc is None else _sel(carry[i], _sel(started, _merge(acc, Ei, init, indep), Ei), acc)
-    started = carry[i] if started is None else started | carry[i]
-  return land, carry, _sel(started, _merge(acc, Y, init, indep), Y)
 
 def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None, pos:Tensor) -> tuple[Tensor, dict]:
   """One token at position pos (an int Tensor): update the online memory, read it and the live cache slots, and at a segment's
   last token write its state into a slot. q, k, v, u (B,H,D); g dict of (B,H) gates; st mem_init's state. Returns y (B,H,D) and
-  the new state (every field of st). Work grows with the cache's slots, not with the tokens seen."""
-  C, (B, H, D), r = cfg.segment, q.shape, pos % cfg.segment
-  st, first = dict(st), r == 0
-  if cfg.state_init == "independent":
-    # a new segment: an independent compressor's online memory restarts
-    st.update({x: first.where(val, st[x]) for x, val in _fresh(cfg, B, H, D, init).items()})
-  st["ksum"] = first.where(0, st["ksum"]) + k                                # the online segment's key sum
-  o, online = STEPS[cfg.core](st, q, k, v, g, cfg, pos)
+  the new state. Work grows with the cache's slots, not with the tokens seen."""
+  C, r, st = cfg.segment, pos % cfg.segment, dict(st)
+  st["ksum"] = (r == 0).where(0, st["ksum"]) + k                            # the online segment's key sum
+  o, online = STEPS[cfg.core](st, q, k, v, g, cfg, pos, _fresh(cfg, *q.shape, init))
   if "En" not in st: return o, st
   E = {x[1:]: val for x, val in st.items() if x[0] == "E"}
   cache = {x: E[x] for x in ("M", "W1", "W2") if x in E} | {"p": E["ksum"] / E["n"].maximum(1).reshape(-1, 1)}
   p_on = (st["ksum"] / (r + 1).float()).unsqueeze(-2)
   # memory_mix's read for a block of one token over the live slots
   y = read_cache(cfg, *(x.unsqueeze(-2) for x in (q, o, u)), cache, p_on, (E["n"] > 0).reshape(1, -1), 1, online=online)[..., 0, :]
-  # the segment's last token (Eq. 4): its state and key sum become an entry
-  Y = {"ksum": st["ksum"], "n": C, "k": k, "v": v, **{x: st[x] for x in ("M", "A", "c", "W1", "W2") if x in st}}
-  land, carry, Y = _write(E, {x: Y[x] for x in E}, pos // C + 1, cfg, init)
-  land, carry = land & (r == C - 1), carry & (r == C - 1)
-  at = lambda m, x: m.reshape(-1, *[1] * (x.ndim - 3)) if x.ndim > 1 else m    # a slot mask against (B,H,N,...) or (N,)
-  st.update({"E" + x: at(land, E[x]).where(Y[x] if x == "n" else Y[x].unsqueeze(2), E[x]) for x in E})
-  st["En"] = carry.where(0, st["En"])
+  # at the segment's last token its state and key sum become an entry (Eq. 4): const, in slot s; log, in level j, the lowest set bit of
+  # s+1, with the key sums of the levels below j, which empty (a binary counter's carry)
+  N, s1, unit = E["n"].shape[0], pos // C + 1, _levels(E["n"].shape[0])
+  land, carry = ((s1 % unit == 0) & (s1 % (2 * unit) != 0), s1 % (2 * unit) == 0) if cfg.segmentation == "log" else \
+                (Tensor.arange(N) == s1 - 1, Tensor.zeros(N, dtype=dtypes.bool))
+  Y = {"n": carry.where(E["n"], 0).sum() + C, "ksum": (carry.reshape(-1, 1).where(E["ksum"], 0).sum(2) + st["ksum"]).unsqueeze(2),
+       **{x: st["R"] if "R" in st else st[x].unsqueeze(2) for x in ("M", "W1", "W2") if x in E}}
+  at = lambda m, x: (m & (r == C - 1)).reshape(-1, *[1] * (x.ndim - 3))  # a slot mask against (B,H,N,...) or (N,)
+  st.update({"E" + x: at(land, E[x]).where(Y[x], E[x]) for x in E})
+  st["En"] = at(carry, E["n"]).where(0, st["En"])
   return y, st
 
 # ***** the token mixers, the block and the model *****
@@ -538,7 +506,7 @@ class Memory:
   def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
     # st: a decode state to fill with the memory after the last token (prefill)
     w, L = self.cfg.conv, qkv.shape[1]
-    if st is not None and "conv" in st: st["conv"].assign(qkv.pad((None, (w - 1, 0), None))[:, L:].float())
+    if st is not None and w: st["conv"].assign(qkv.pad((None, (st["conv"].shape[1], 0), None))[:, L:].float())
     if w:
       # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
       xp = qkv.pad((None, (w - 1, 0), None))
@@ -547,23 +515,22 @@ class Memory:
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
   def init_state(self, B:int, max_len:int) -> dict:
-    # the conv's last w-1 inputs and the memory (mem_init)
+    # the conv's last inputs (w-1 of them, at least one) and the memory (mem_init)
     cfg, H = self.cfg, self.cfg.n_heads
-    conv = {"conv": Tensor.zeros(B, cfg.conv - 1, 3 * cfg.dim).contiguous().realize()} if cfg.conv > 1 else {}
+    conv = {"conv": Tensor.zeros(B, max(cfg.conv - 1, 1), 3 * cfg.dim).contiguous().realize()} if cfg.conv else {}
     return {**conv, **mem_init(cfg, B, H, cfg.dim // H, self.W0, max_len)}
 
-  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> tuple[Tensor, dict]:
-    # one token (B,1,...) at position pos -> y (B,H,1,D) and the new state
+  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
+    # one token (B,1,...) at position pos -> y (B,H,1,D); the state's new values are assigned to it
     new = dict(st)
     if self.cfg.conv:
-      window = st["conv"].cast(qkv.dtype).cat(qkv, dim=1) if "conv" in st else qkv   # (B, w, 3dim): the last w inputs
-      if "conv" in st: new["conv"] = window[:, 1:].float()
-      qkv = (window * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
+      window = st["conv"].cast(qkv.dtype).cat(qkv, dim=1)                 # the last inputs, this one included
+      new["conv"], qkv = window[:, 1:].float(), (window[:, -self.cfg.conv:] * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
     q, k, v, u, gates = self._inputs(h, qkv)
-    mem = {x: val for x, val in new.items() if x != "conv"}
-    y, mem = mem_step(mem, *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0,
-                      Tensor(pos))
-    return y.unsqueeze(2).cast(h.dtype), {**new, **mem}
+    y, new = mem_step(new, *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0, Tensor(pos))
+    for x, val in new.items():
+      if val is not st[x]: st[x].assign(val)
+    return y.unsqueeze(2).cast(h.dtype)
 
 def rope_table(L:int, D:int, theta:float) -> tuple[Tensor, Tensor]:
   # cos and sin (L, D/2) of the rotary angles of positions 0..L-1, computed in float64
@@ -584,8 +551,8 @@ class Attention:
   def init_state(self, B:int, max_len:int) -> dict:
     H, D = self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
     cos, sin = rope_table(max_len, D, self.cfg.rope_theta)
-    st = {"k": Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype), "v": Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype), "cos": cos, "sin": sin}
-    return {x: t.contiguous().realize() for x, t in st.items()}
+    kv = {x: Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for x in ("k", "v")}
+    return {x: t.contiguous().realize() for x, t in {**kv, "cos": cos, "sin": sin}.items()}
 
   def _qkv(self, qkv:Tensor, cos:Tensor, sin:Tensor) -> list[Tensor]:
     q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
@@ -598,10 +565,10 @@ class Attention:
       for x, val in (("k", k), ("v", v)): st[x].assign(val.pad((None, None, (0, st[x].shape[2] - L), None)))
     return q.scaled_dot_product_attention(k, v, is_causal=True)
 
-  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> tuple[Tensor, dict]:
+  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
     q, k, v = self._qkv(qkv, st["cos"][pos:pos + 1], st["sin"][pos:pos + 1])
     Tensor.realize(st["k"][:, :, pos:pos + 1].assign(k), st["v"][:, :, pos:pos + 1].assign(v))
-    return q.scaled_dot_product_attention(st["k"][:, :, :pos + 1], st["v"][:, :, :pos + 1]), {}
+    return q.scaled_dot_product_attention(st["k"][:, :, :pos + 1], st["v"][:, :, :pos + 1])
 
 MIXERS = {"mc": Memory, "attn": Attention}
 
@@ -621,28 +588,26 @@ class Block:
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate, self.mixer.cfg.kernels).silu(), self.wo, self.mixer.cfg.kernels)
 
-  def mix(self, x:Tensor, st:dict|None=None) -> Tensor:
-    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is); st: as Model's
+  def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:
+    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is); st: a decode
+    # state to fill (prefill), or with the position pos, to step one token x (B,1,dim) through
     h = _rms(x, self.norm1)
-    return self._out(x, h, self.mixer(h, _lin(h, self.wqkv, self.mixer.cfg.kernels), st))   # q, k, v = x W (Eq. 4)
+    qkv = _lin(h, self.wqkv, self.mixer.cfg.kernels)                                      # q, k, v = x W (Eq. 4)
+    return self._out(x, h, self.mixer(h, qkv, st) if pos is None else self.mixer.step(h, qkv, st, pos))
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
     h = _rms(x, self.norm2)
     return x + _lin(_lin(h, self.w1, self.mixer.cfg.kernels).silu() * _lin(h, self.w3, self.mixer.cfg.kernels), self.w2, self.mixer.cfg.kernels)
 
-  def __call__(self, x:Tensor, st:dict|None=None) -> Tensor: return self.mlp(self.mix(x, st))
+  def __call__(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor: return self.mlp(self.mix(x, st, pos))
   # the parameters mix uses: all but the MLP's
   def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
 
-  def step(self, x:Tensor, st:dict, pos:Variable) -> tuple[Tensor, dict]:
-    # one token x (B,1,dim) at position pos with the decode state
-    h = _rms(x, self.norm1)
-    y, new = self.mixer.step(h, _lin(h, self.wqkv, self.mixer.cfg.kernels), st, pos)
-    return self.mlp(self._out(x, h, y)), new
-
 # init_state's default max_len, and prefill's beyond the prompt: 8x the default preset's training context
 DECODE_LEN = 4096
+def _tensors(state:dict) -> list[Tensor]: return [st[x] for st in state["blocks"] for x in sorted(st)]   # a decode state's, in order
+def _ints(x:Tensor|np.ndarray) -> np.ndarray: return np.asarray(x.numpy() if isinstance(x, Tensor) else x, dtype=np.int32)
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -667,33 +632,20 @@ class Model:
     max_len = DECODE_LEN if max_len is None else max_len
     return {"t": 0, "max_len": max_len, "blocks": [blk.mixer.init_state(B, max_len) for blk in self.blocks]}
 
-  @staticmethod
-  def _tensors(state:dict) -> list[Tensor]: return [st[x] for st in state["blocks"] for x in sorted(st)]
-
   def prefill(self, tokens:Tensor|np.ndarray, max_len:int|None=None) -> tuple[Tensor, dict]:
     """tokens (B,T) -> logits (B,T,vocab) and the decode state after token T-1, room for max_len tokens (default T + DECODE_LEN).
     The parallel forward runs to the last segment end (attention: to T); the tokens after it are stepped."""
-    toks = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens, dtype=np.int32)
-    B, T = toks.shape
-    state = self.init_state(B, T + DECODE_LEN if max_len is None else max_len)
+    toks, T = _ints(tokens), tokens.shape[1]
+    state = self.init_state(toks.shape[0], T + DECODE_LEN if max_len is None else max_len)
     if T > state["max_len"]: raise ValueError(f"prefill: {T} tokens are past max_len={state['max_len']}")
     T0, out = T if self.cfg.mixer == "attn" else T // self.cfg.segment * self.cfg.segment, []
-    if T0:
-      out.append(self(Tensor(toks[:, :T0]), state))
-      Tensor.realize(out[0], *self._tensors(state))
-      state["t"] = T0
-    steps = [self.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(T0, T)]
-    if steps: out.append(Tensor(np.stack(steps, 1)))
+    if T0: out, state["t"] = [self(Tensor(toks[:, :T0]), state).realize(*_tensors(state))], T0
+    if T0 < T: out.append(Tensor(np.stack([self.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(T0, T)], 1)))
     return out[0].cat(*out[1:], dim=1), state
 
   def _step(self, names:list, tokens:Tensor, pos:Variable, *flat:Tensor) -> Tensor:
-    it = iter(flat)
-    x = self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
-    for blk, ns in zip(self.blocks, names):
-      st = {name: next(it) for name in ns}
-      x, new = blk.step(x, st, pos)
-      for name, val in new.items():
-        if val is not st[name]: st[name].assign(val)
+    it, x = iter(flat), self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
+    for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
     logits = self.head(x)[:, 0]
     Tensor.realize(logits, *flat)
     return logits
@@ -703,7 +655,7 @@ class Model:
     bound Variable, so one TinyJit per batch shape serves every token. The logits live until the next step of the same shape."""
     t, max_len = state["t"], state["max_len"]
     if t >= max_len: raise ValueError(f"step: position {t} is past max_len={max_len}; prefill or init_state with a larger max_len")
-    flat = self._tensors(state)
+    flat = _tensors(state)
     key = (tokens.shape, *((x.shape, x.dtype) for x in flat))
     if key not in self._jits: self._jits[key] = TinyJit(functools.partial(self._step, [sorted(st) for st in state["blocks"]]))
     logits = self._jits[key](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t), *flat)
@@ -712,7 +664,7 @@ class Model:
 
   def generate(self, prompt:Tensor|np.ndarray, n:int, temperature:float=1.0, seed:int=0) -> np.ndarray:
     # prefill the prompt, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int
-    toks = np.asarray(prompt.numpy() if isinstance(prompt, Tensor) else prompt, dtype=np.int32)
+    toks = _ints(prompt)
     logits, state = self.prefill(toks, toks.shape[1] + n)
     rng, out, lg = np.random.default_rng(seed), [toks], logits[:, -1]
     for i in range(n):
