@@ -369,8 +369,9 @@ def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> 
   """A decode state of fixed shape, realized: the online memory ("M", the previous token's "pk", "pv"; or "W1", "W2", titans' momentum
   "S1", "S2", the chunk-start "Ws1", "Ws2"), the online key sum "ksum", and the cache in N slots, "E" + an entry's field (state, "ksum",
   count "n", 0 where empty). const: slot i holds segment i; log: slot N-1-j the Fenwick block of 2^j segments, and for independent
-  compressors "R" each level's compressor since its block started."""
+  compressors "R" each level's compressor since its block started. The layer's conv keeps its last inputs in "conv"."""
   st = {**_fresh(cfg, B, H, D, init), "ksum": Tensor.zeros(B, H, D)}
+  if cfg.conv: st["conv"] = Tensor.zeros(B, max(cfg.conv - 1, 1), 3 * H * D)
   st.update({f"Ws{i}": _fresh(cfg, B, H, D, init)[f"W{i}"] for i in (1, 2)} if cfg.core in DEEP else {x: Tensor.zeros(B, H, D) for x in ("pk", "pv")})
   if AGG[cfg.agg].weights is not None:
     N = max(1, max_len // cfg.segment if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())
@@ -381,18 +382,16 @@ def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> 
 def _fill(st:dict, cfg:MCConfig, blocks:list, mine:np.ndarray, cache:dict, k:Tensor, v:Tensor, gates:dict, init:dict|None, L:int):
   # assigns the decode state after token L-1, the end of segment s: the online memory (an independent one restarts at the next token)
   # and the entries that a token of segment s reads (mine[i]: block i), in their slots
-  C, s = cfg.segment, L // cfg.segment
-  end = [e for _, e in blocks].index(s)
-  new = {x: cache[x][:, :, end] for x in ("M", "W1", "W2") if x in cache} | {x: cache[x] for x in ("S1", "S2") if x in cache}
+  C, s, last = cfg.segment, L // cfg.segment, [e for _, e in blocks].index(L // cfg.segment)   # last: the block that ends at s
+  new = {x: cache[x][:, :, last] for x in ("M", "W1", "W2") if x in cache} | {x: cache[x] for x in ("S1", "S2") if x in cache}
   if "M" in cache: new.update(pk=k[:, :, L - 1], pv=v[:, :, L - 1])
   if "En" in st:
-    N = st["En"].shape[0]
+    N, n = st["En"].shape[0], np.array([(e - a) * C for a, e in blocks], np.float32)
     slot = [a if cfg.segmentation == "const" else N - (e - a).bit_length() for a, e in blocks]
     onehot = np.array([[m and i == j for i, m in zip(slot, mine)] for j in range(N)], np.float32)   # (N, entries): block -> its slot
-    n = np.array([(e - a) * C for a, e in blocks], np.float32)
+    ent = {x: cache[x] for x in ("M", "W1", "W2") if x in cache} | {"ksum": cache["p"] * Tensor(n).reshape(-1, 1)}
     put = lambda x: (Tensor(onehot) @ x.flatten(3)).reshape(*x.shape[:2], N, *x.shape[3:])
-    new.update({"E" + x: put(cache[x]) for x in ("M", "W1", "W2") if x in cache}, Eksum=put(cache["p"] * Tensor(n).reshape(-1, 1)))
-    new["En"] = Tensor(onehot @ n)
+    new.update({"E" + x: put(val) for x, val in ent.items()}, En=Tensor(onehot @ n))
   if "R" in st:
     # level j's compressor of its block so far, segments s - s % 2^j .. s-1 (none where its next block starts at s)
     la, b, l = (gates["a"].log(), gates["b"], gates["l"]) if gates else (None, None, None)
@@ -409,8 +408,7 @@ def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos
   # la / swla, one token: update M (and log + independent's level compressors R) in st, return o_t = M_t q_t
   first = pos % cfg.segment == 0
   def upd(M:Tensor, restart:Tensor) -> Tensor:
-    # M (B,H,n,D,D): Eq. 28 (Eq. 12 without gates); a compressor that restarts here starts from M0 with no b-term (pk, pv are zero
-    # before the first token too)
+    # M (B,H,n,D,D): Eq. 28 (12); a compressor that restarts here starts from M0 without b-term (nor has token 0: pk, pv are 0)
     M, vk = restart.where(fresh["M"].unsqueeze(2), M), _outer(v, k).unsqueeze(2)
     if not g: return M + vk
     a, l, b = (g[x].reshape(*g[x].shape, 1, 1, 1) for x in ("a", "l", "b"))
@@ -423,8 +421,7 @@ def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos
 def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor, fresh:dict) -> tuple[Tensor, tuple]:
   # dla / titans, one token with its gradient at the chunk-start weights Ws: update st, return o_t = f_{W_t}(q_t) and W_t's readers
   if cfg.state_init == "independent": st.update({x: (pos % cfg.segment == 0).where(val, st[x]) for x, val in fresh.items()})
-  cs = pos % cfg.chunk == 0
-  st.update(Ws1=cs.where(st["W1"], st["Ws1"]), Ws2=cs.where(st["W2"], st["Ws2"]))
+  st.update({f"Ws{i}": (pos % cfg.chunk == 0).where(st[f"W{i}"], st[f"Ws{i}"]) for i in (1, 2)})
   r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), st["Ws1"], st["Ws2"])
   g1, g2 = _outer(r[..., 0, :], z[..., 0, :]), _outer(d[..., 0, :], k)
   e = _mat(g["e"])
@@ -514,11 +511,7 @@ class Memory:
       qkv = sum(xp[:, i:i + L] * wb[:, i:i + 1] for i in range(w))
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
-  def init_state(self, B:int, max_len:int) -> dict:
-    # the conv's last inputs (w-1 of them, at least one) and the memory (mem_init)
-    cfg, H = self.cfg, self.cfg.n_heads
-    conv = {"conv": Tensor.zeros(B, max(cfg.conv - 1, 1), 3 * cfg.dim).contiguous().realize()} if cfg.conv else {}
-    return {**conv, **mem_init(cfg, B, H, cfg.dim // H, self.W0, max_len)}
+  def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)
 
   def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
     # one token (B,1,...) at position pos -> y (B,H,1,D); the state's new values are assigned to it
@@ -550,19 +543,17 @@ class Attention:
 
   def init_state(self, B:int, max_len:int) -> dict:
     H, D = self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
-    cos, sin = rope_table(max_len, D, self.cfg.rope_theta)
-    kv = {x: Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for x in ("k", "v")}
-    return {x: t.contiguous().realize() for x, t in {**kv, "cos": cos, "sin": sin}.items()}
+    kv = [Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for _ in range(2)]
+    return dict(zip(("k", "v", "cos", "sin"), (x.contiguous().realize() for x in (*kv, *rope_table(max_len, D, self.cfg.rope_theta)))))
 
   def _qkv(self, qkv:Tensor, cos:Tensor, sin:Tensor) -> list[Tensor]:
     q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
     return [rope(q, cos, sin), rope(k, cos, sin), v]
 
   def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
-    L = qkv.shape[1]
-    q, k, v = self._qkv(qkv, *rope_table(L, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta))
+    q, k, v = self._qkv(qkv, *rope_table(qkv.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta))
     if st is not None:
-      for x, val in (("k", k), ("v", v)): st[x].assign(val.pad((None, None, (0, st[x].shape[2] - L), None)))
+      for x, val in (("k", k), ("v", v)): st[x].assign(val.pad((None, None, (0, st[x].shape[2] - val.shape[2]), None)))
     return q.scaled_dot_product_attention(k, v, is_causal=True)
 
   def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
@@ -604,10 +595,8 @@ class Block:
   # the parameters mix uses: all but the MLP's
   def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
 
-# init_state's default max_len, and prefill's beyond the prompt: 8x the default preset's training context
-DECODE_LEN = 4096
+DECODE_LEN = 4096   # init_state's default max_len, and prefill's beyond the prompt: 8x the default preset's training context
 def _tensors(state:dict) -> list[Tensor]: return [st[x] for st in state["blocks"] for x in sorted(st)]   # a decode state's, in order
-def _ints(x:Tensor|np.ndarray) -> np.ndarray: return np.asarray(x.numpy() if isinstance(x, Tensor) else x, dtype=np.int32)
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -627,15 +616,14 @@ class Model:
     return self.head(x)
 
   def init_state(self, B:int, max_len:int|None=None) -> dict:
-    """A decode state of fixed shape for up to max_len tokens (default DECODE_LEN): per block the online memory and the cache in
-    preallocated slots (a count of 0 marks an empty one), or attention's key/value cache; "t" the next position."""
+    """A decode state of fixed shape for up to max_len tokens (default DECODE_LEN): each block's (mem_init), "t" the next position."""
     max_len = DECODE_LEN if max_len is None else max_len
     return {"t": 0, "max_len": max_len, "blocks": [blk.mixer.init_state(B, max_len) for blk in self.blocks]}
 
   def prefill(self, tokens:Tensor|np.ndarray, max_len:int|None=None) -> tuple[Tensor, dict]:
     """tokens (B,T) -> logits (B,T,vocab) and the decode state after token T-1, room for max_len tokens (default T + DECODE_LEN).
     The parallel forward runs to the last segment end (attention: to T); the tokens after it are stepped."""
-    toks, T = _ints(tokens), tokens.shape[1]
+    toks, T = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens, dtype=np.int32), tokens.shape[1]
     state = self.init_state(toks.shape[0], T + DECODE_LEN if max_len is None else max_len)
     if T > state["max_len"]: raise ValueError(f"prefill: {T} tokens are past max_len={state['max_len']}")
     T0, out = T if self.cfg.mixer == "attn" else T // self.cfg.segment * self.cfg.segment, []
@@ -646,33 +634,26 @@ class Model:
   def _step(self, names:list, tokens:Tensor, pos:Variable, *flat:Tensor) -> Tensor:
     it, x = iter(flat), self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
     for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
-    logits = self.head(x)[:, 0]
-    Tensor.realize(logits, *flat)
-    return logits
+    return self.head(x)[:, 0].realize(*flat)
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     """One token per sequence (B,) at position state["t"] -> logits (B,vocab) and the state, updated in place. The position is a
     bound Variable, so one TinyJit per batch shape serves every token. The logits live until the next step of the same shape."""
-    t, max_len = state["t"], state["max_len"]
+    t, max_len, flat = state["t"], state["max_len"], _tensors(state)
     if t >= max_len: raise ValueError(f"step: position {t} is past max_len={max_len}; prefill or init_state with a larger max_len")
-    flat = _tensors(state)
     key = (tokens.shape, *((x.shape, x.dtype) for x in flat))
     if key not in self._jits: self._jits[key] = TinyJit(functools.partial(self._step, [sorted(st) for st in state["blocks"]]))
-    logits = self._jits[key](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t), *flat)
     state["t"] = t + 1
-    return logits, state
+    return self._jits[key](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t), *flat), state
 
   def generate(self, prompt:Tensor|np.ndarray, n:int, temperature:float=1.0, seed:int=0) -> np.ndarray:
     # prefill the prompt, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int
-    toks = _ints(prompt)
+    toks = np.asarray(prompt.numpy() if isinstance(prompt, Tensor) else prompt, dtype=np.int32)
     logits, state = self.prefill(toks, toks.shape[1] + n)
     rng, out, lg = np.random.default_rng(seed), [toks], logits[:, -1]
     for i in range(n):
-      lg = lg.numpy().astype(np.float64)
-      if temperature == 0: nxt = lg.argmax(-1)
-      else:
-        p = np.exp((lg - lg.max(-1, keepdims=True)) / temperature)
-        nxt = np.array([rng.choice(len(pi), p=pi / pi.sum()) for pi in p])
-      out.append(nxt[:, None].astype(np.int32))
+      # a sample of softmax(logits / temperature): the argmax after adding Gumbel noise
+      lg = lg.numpy().astype(np.float64) / (temperature or 1) + (rng.gumbel(size=lg.shape) if temperature else 0)
+      out.append(lg.argmax(-1)[:, None].astype(np.int32))
       if i < n - 1: lg, state = self.step(Tensor(out[-1][:, 0]), state)
     return np.concatenate(out, axis=1)
