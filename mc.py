@@ -437,30 +437,32 @@ def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:T
 # each core's token step: (state, q, k, v, gates, cfg, position, the fresh memory) -> o (B,H,D) and the online readers, st updated
 STEPS = {"la": step_linear, "swla": step_linear, "dla": step_deep, "titans": step_deep}
 
-def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None, pos:Tensor) -> tuple[Tensor, dict]:
-  """One token at position pos (an int Tensor): update the online memory, read it and the live cache slots, and at a segment's
+def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None, var:Variable) -> tuple[Tensor, dict]:
+  """One token at position var (a bound Variable): update the online memory, read it and the live cache slots, and at a segment's
   last token write its state into a slot. q, k, v, u (B,H,D); g dict of (B,H) gates; st mem_init's state. Returns y (B,H,D) and
-  the new state. Work grows with the cache's slots, not with the tokens seen."""
-  C, r, st = cfg.segment, pos % cfg.segment, dict(st)
-  st["ksum"] = (r == 0).where(0, st["ksum"]) + k                            # the online segment's key sum
+  the new state (const's slot is written in place). Work grows with the cache's slots, not with the tokens seen."""
+  C, pos, st = cfg.segment, Tensor(var), dict(st)
+  st["ksum"] = (pos % C == 0).where(0, st["ksum"]) + k                      # the online segment's key sum
   o, online = STEPS[cfg.core](st, q, k, v, g, cfg, pos, _fresh(cfg, *q.shape, init))
   if "En" not in st: return o, st
   E = {x[1:]: val for x, val in st.items() if x[0] == "E"}
   cache = {x: E[x] for x in ("M", "W1", "W2") if x in E} | {"p": E["ksum"] / E["n"].maximum(1).reshape(-1, 1)}
-  p_on = (st["ksum"] / (r + 1).float()).unsqueeze(-2)
+  p_on = (st["ksum"] / (pos % C + 1).float()).unsqueeze(-2)
   # memory_mix's read for a block of one token over the live slots
   y = read_cache(cfg, *(x.unsqueeze(-2) for x in (q, o, u)), cache, p_on, (E["n"] > 0).reshape(1, -1), 1, online=online)[..., 0, :]
-  # at the segment's last token its state and key sum become an entry (Eq. 4): const, in slot s; log, in level j, the lowest set bit of
-  # s+1, with the key sums of the levels below j, which empty (a binary counter's carry)
-  N, s1, unit = E["n"].shape[0], pos // C + 1, _levels(E["n"].shape[0])
-  land, carry = ((s1 % unit == 0) & (s1 % (2 * unit) != 0), s1 % (2 * unit) == 0) if cfg.segmentation == "log" else \
-                (Tensor.arange(N) == s1 - 1, Tensor.zeros(N, dtype=dtypes.bool))
-  Y = {"n": carry.where(E["n"], 0).sum() + C, "ksum": (carry.reshape(-1, 1).where(E["ksum"], 0).sum(2) + st["ksum"]).unsqueeze(2),
-       **{x: st["R"] if "R" in st else st[x].unsqueeze(2) for x in ("M", "W1", "W2") if x in E}}
-  at = lambda m, x: (m & (r == C - 1)).reshape(-1, *[1] * (x.ndim - 3))  # a slot mask against (B,H,N,...) or (N,)
-  st.update({"E" + x: at(land, E[x]).where(Y[x], E[x]) for x in E})
-  st["En"] = at(carry, E["n"]).where(0, st["En"])
-  return y, st
+  # at a segment's last token its state and key sum become an entry (Eq. 4): const, in slot s, in place (one slot, a Variable slice;
+  # the read above masks it); log, in level j = the lowest set bit of s+1, with the key sums of the levels below j, which empty
+  last, s1, Y = pos % C == C - 1, pos // C + 1, {x: st[x].unsqueeze(2) for x in ("M", "W1", "W2", "ksum") if x in E}
+  if cfg.segmentation == "const":
+    sl = slice(var // C, var // C + 1)
+    Tensor.realize(*[st["E" + x][:, :, sl].assign(last.where(val, st["E" + x][:, :, sl])) for x, val in Y.items()])
+    return y, {**st, "En": ((Tensor.arange(E["n"].shape[0]) == s1 - 1) & last).where(C, st["En"])}
+  unit = _levels(E["n"].shape[0])
+  land, carry = (s1 % unit == 0) & (s1 % (2 * unit) != 0) & last, (s1 % (2 * unit) == 0) & last
+  Y.update(n=carry.where(E["n"], 0).sum() + C, ksum=Y["ksum"] + carry.reshape(-1, 1).where(E["ksum"], 0).sum(2, keepdim=True))
+  if "R" in st: Y["M"] = st["R"]
+  st.update({"E" + x: land.reshape(-1, *[1] * (E[x].ndim - 3)).where(Y[x], E[x]) for x in E})   # land (N,) against (B,H,N,...)
+  return y, {**st, "En": carry.where(0, st["En"])}
 
 # ***** the token mixers, the block and the model *****
 
@@ -520,9 +522,8 @@ class Memory:
       window = st["conv"].cast(qkv.dtype).cat(qkv, dim=1)                 # the last inputs, this one included
       new["conv"], qkv = window[:, 1:].float(), (window[:, -self.cfg.conv:] * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
     q, k, v, u, gates = self._inputs(h, qkv)
-    y, new = mem_step(new, *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0, Tensor(pos))
-    for x, val in new.items():
-      if val is not st[x]: st[x].assign(val)
+    y, new = mem_step(new, *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0, pos)
+    for x in [x for x, val in new.items() if val is not st[x]]: st[x].assign(new[x])
     return y.unsqueeze(2).cast(h.dtype)
 
 def rope_table(L:int, D:int, theta:float) -> tuple[Tensor, Tensor]:
@@ -532,8 +533,7 @@ def rope_table(L:int, D:int, theta:float) -> tuple[Tensor, Tensor]:
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # rotary position embedding on (B,H,L,D), rotating the two halves of D by the angles of cos, sin (L, D/2)
-  cos, sin, D = cos.cast(x.dtype), sin.cast(x.dtype), x.shape[-1]
-  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  x1, x2, cos, sin = *x.chunk(2, dim=-1), cos.cast(x.dtype), sin.cast(x.dtype)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 class Attention:
