@@ -374,7 +374,7 @@ def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> 
   if cfg.conv: st["conv"] = Tensor.zeros(B, max(cfg.conv - 1, 1), 3 * H * D)
   st.update({f"Ws{i}": _fresh(cfg, B, H, D, init)[f"W{i}"] for i in (1, 2)} if cfg.core in DEEP else {x: Tensor.zeros(B, H, D) for x in ("pk", "pv")})
   if AGG[cfg.agg].weights is not None:
-    N = max(1, max_len // cfg.segment if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())
+    N = max(1, -(-max_len // cfg.segment) if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())   # const: s < N
     st.update({"E" + x: Tensor.zeros(B, H, N, *st[x].shape[2:]) for x in ("M", "W1", "W2", "ksum") if x in st}, En=Tensor.zeros(N))
     if cfg.segmentation == "log" and cfg.state_init == "independent": st["R"] = Tensor.zeros(B, H, N, D, D)
   return {x: t.contiguous().realize() for x, t in st.items()}
