@@ -9,9 +9,10 @@ bench.py beside model.py). Each subcommand prints a table; --json=PATH writes it
   python bench.py package                        # the same layer against the memory-caching package
   python bench.py model                          # model forward+backward, each core with grm and without caching
   python bench.py train --shapes=default,long    # the whole jitted training step against a PyTorch Transformer of the same blocks
+  python bench.py decode --batches=1,16          # Model.step and prefill tokens/s against a PyTorch Transformer with a KV cache
 
-Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its times mean little). layers, package, model and
-train also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
+Sizes are a GPU's; on the CPU every subcommand runs tiny ones (a smoke test: its times mean little). layers, package, model, train
+and decode also take MCConfig fields as overrides (--dtype=bfloat16 --dim=512). Peers (PyTorch, fla, the memory-caching package)
 are imported here only, inside try, and run in a process of their own, so that each framework keeps its own CUDA context; a
 missing peer prints one line and the rows without it. Every time is the median of synchronised runs after a warm-up (TinyJit
 captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU).
@@ -29,7 +30,9 @@ from mc import CORES, Block, MCConfig, Model
 class BenchConfig:
   reps: int = 0                            # timed repetitions per row; 0 = the subcommand's default (fewer on the CPU)
   only: tuple[str, ...] = ()               # check: only the cases whose label contains one of these ("chunk_scan la indep", "cache_read ssc")
-  configs: tuple[str, ...] = ()            # layers, package, model, train: only these rows (names below in --help)
+  configs: tuple[str, ...] = ()            # layers, package, model, train, decode: only these rows (names below in --help)
+  contexts: tuple[int, ...] = ()           # decode: context lengths in tokens; () = 512, 8192, 32768 (tiny ones on the CPU)
+  batches: tuple[int, ...] = (1, 16)       # decode: batch sizes of Model.step (prefill is timed at the first)
   lengths: tuple[int, ...] = ()            # layers: these lengths instead of the default ones
   shapes: tuple[str, ...] = ("default",)   # train: shapes of TRAIN_SHAPES (default, gpu, long), each a group of rows
   dtypes: tuple[str, ...] = ("float32", "bfloat16")   # train: activation dtypes (bfloat16 skipped where unsupported)
@@ -474,7 +477,8 @@ LONG_ROWS = ("swla+ssc", "swla+grm-log")   # among the default rows of the long 
 
 def _torch_lm(torch, dim:int, n_layers:int, n_heads:int, L:int, vocab:int=256, theta:float=10000.0):
   # tinymc's blocks (mc.Block with mixer="attn", less its per-head RMSNorm, and mc.Model) as a PyTorch user would write them;
-  # forward(x, y) returns the mean cross-entropy
+  # forward(x, y) returns the mean cross-entropy; logits(x, kv, pos) the logits of tokens x (B,T) at positions pos.. with a
+  # key/value cache kv (per block a pair (B,H,L,D)) that it writes in place, as a KV-cache decoder does
   nn, F = torch.nn, torch.nn.functional
   D, hidden = dim // n_heads, -(-int(8 / 3 * dim) // 32) * 32
   ang = torch.outer(torch.arange(L, dtype=torch.float64), theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D))
@@ -487,10 +491,14 @@ def _torch_lm(torch, dim:int, n_layers:int, n_heads:int, L:int, vocab:int=256, t
       self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
       self.wqkv, self.wgate, self.wo = (nn.Linear(dim, n * dim, bias=False) for n in (3, 1, 1))
       self.w1, self.w3, self.w2 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
-    def forward(self, x, cos, sin):
-      h = self.norm1(x)
+    def forward(self, x, cos, sin, kv=None, pos=0):
+      h, T = self.norm1(x), x.shape[1]
       q, k, v = self.wqkv(h).view(*x.shape[:2], 3, n_heads, D).permute(2, 0, 3, 1, 4)   # (B,H,L,D) each
-      y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True)
+      q, k = rope(q, cos, sin), rope(k, cos, sin)
+      if kv is not None:
+        kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+        k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+      y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)   # one query reads every cached key
       x = x + self.wo(y.transpose(1, 2).reshape(x.shape) * F.silu(self.wgate(h)))
       h = self.norm2(x)
       return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
@@ -506,6 +514,10 @@ def _torch_lm(torch, dim:int, n_layers:int, n_heads:int, L:int, vocab:int=256, t
       h = self.emb(x)
       for blk in self.blocks: h = blk(h, self.cos, self.sin)
       return F.cross_entropy(F.linear(self.norm(h), self.emb.weight).flatten(0, 1).float(), y.flatten())   # head tied to the embedding
+    def logits(self, x, kv, pos):
+      h, cs = self.emb(x), slice(pos, pos + x.shape[1])
+      for blk, c in zip(self.blocks, kv): h = blk(h, self.cos[cs], self.sin[cs], c, pos)
+      return F.linear(self.norm(h), self.emb.weight)
   return LM()
 
 def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
@@ -613,13 +625,112 @@ def train_step(bc:BenchConfig, overrides:dict) -> dict:
                          "-" if r["ratio"] is None else f"{r['ratio']:.3f}", "-" if r["first_s"] is None else f"{r['first_s']:.1f}"] for r in rows]))
   return {"shapes": {s: shapes[s] for s in bc.shapes}, "reps": reps, **info, "rows": rows}
 
+# **** decode: Model.step and prefill against a PyTorch Transformer with a KV cache ****
+# Step rows: ms per token of Model.step (one TinyJit per batch shape, the position a Variable) at a position of `context` tokens,
+# after 3 warm-up steps, median of --reps. The state's shapes, and with them every step's work, do not depend on what it holds,
+# so the step rows start from init_state with the position set to the context (attention reads the first pos+1 cache entries).
+# Prefill rows (at the first batch size): Model.prefill of a context-long prompt against one forward (model(tokens), no state),
+# both after a warm-up call. PyTorch: _torch_lm with its KV cache, eager, float32 (TF32 off), every row in one process.
+
+DECODE_SHAPE = dict(dim=256, n_layers=4, n_heads=4, segment=128, chunk=64)    # the default preset's model
+DECODE_SHAPE_CPU = dict(dim=32, n_layers=1, n_heads=2, segment=16, chunk=8)   # the CPU's smoke test; its times mean little
+DECODE_ROWS = {"torch": {}, "attn": dict(mixer="attn", agg="none"), "none": dict(core="swla", agg="none"),
+               "grm": dict(core="swla", agg="grm"), "grm-log": dict(core="swla", agg="grm", segmentation="log"),
+               "ssc": dict(core="swla", agg="ssc")}
+
+def torch_decode(jobs:list[tuple], sh:dict, reps:int, prefill_B:int) -> dict|str:
+  # the PyTorch rows in a process of their own: jobs (context, B) -> {"rows": [{"step_ms", "prefill_ms", "error"}], ...}
+  try: import torch
+  except Exception as e: return f"PyTorch unavailable ({why(e)})"
+  cuda = torch.cuda.is_available()
+  dev, sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", lambda: None)
+  torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+  rows = []
+  for ctx, B in jobs:
+    try:
+      torch.manual_seed(0)
+      L, H, D = ctx + reps + 3, sh["n_heads"], sh["dim"] // sh["n_heads"]
+      lm = _torch_lm(torch, sh["dim"], sh["n_layers"], H, L).to(dev).eval()
+      kv = [[torch.zeros(B, H, L, D, device=dev) for _ in range(2)] for _ in range(sh["n_layers"])]
+      tok, pos = torch.zeros(B, 1, dtype=torch.long, device=dev), [ctx]
+      def step():
+        lm.logits(tok, kv, pos[0])
+        pos[0] += 1
+      prompt, pre = torch.zeros(B, ctx, dtype=torch.long, device=dev), None
+      with torch.no_grad():
+        if B == prefill_B: pre = time_ms(lambda: lm.logits(prompt, kv, 0), reps=max(1, reps // 4), warm=1, sync=sync)
+        rows.append({"step_ms": time_ms(step, reps=reps, warm=3, sync=sync), "prefill_ms": pre, "fwd_ms": None, "error": None})
+    except Exception as e: rows.append({"step_ms": None, "prefill_ms": None, "fwd_ms": None, "error": why(e)})
+    finally:
+      lm = kv = None
+      gc.collect()
+      if cuda: torch.cuda.empty_cache()
+  return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+def tinymc_decode(cfg:MCConfig, ctx:int, B:int, reps:int, prefill:bool) -> dict:
+  # one tinymc row: ms per Model.step at position ctx, and (prefill) Model.prefill and model(tokens) of a ctx-long prompt; a
+  # failure (out of memory, a failed compile) leaves its cells empty and names itself in "error"
+  Tensor.manual_seed(0)
+  model, out = Model(cfg), {"step_ms": None, "prefill_ms": None, "fwd_ms": None, "error": None}
+  Tensor.realize(*get_parameters(model))
+  try:
+    # tinygrad's attention builds the whole (B,H,L,L) score matrix: past ATTN_MAX_BYTES of it in float32 it is not tried
+    if prefill and cfg.mixer == "attn" and B * cfg.n_heads * ctx * ctx * 4 > ATTN_MAX_BYTES: out["error"] = "prefill skipped: score matrix"
+    elif prefill:
+      prompt = np.random.default_rng(0).integers(0, cfg.vocab, (B, ctx)).astype(np.int32)
+      out["prefill_ms"] = time_ms(lambda: model.prefill(prompt, ctx + 1)[0].realize(), reps=max(1, reps // 4), warm=1)
+      out["fwd_ms"] = time_ms(lambda: model(Tensor(prompt)).realize(), reps=max(1, reps // 4), warm=1)
+  except Exception as e: out["error"] = f"prefill: {why(e)}"
+  try:
+    state, tok = model.init_state(B, ctx + reps + 3), Tensor.zeros(B, dtype=dtypes.int32).contiguous().realize()
+    state["t"] = ctx
+    out["step_ms"] = time_ms(lambda: model.step(tok, state), reps=reps, warm=3)
+  except Exception as e: out["error"] = f"step: {why(e)}"
+  finally: gc.collect()
+  return out
+
+def decode(bc:BenchConfig, overrides:dict) -> dict:
+  """tokens/s of Model.step at each batch size and of Model.prefill, against a PyTorch Transformer with a KV cache, vs context"""
+  cpu = Device.DEFAULT == "CPU"
+  sh, reps = {**(DECODE_SHAPE_CPU if cpu else DECODE_SHAPE), **overrides}, bc.reps or (3 if cpu else 20)
+  ctxs, names = bc.contexts or ((32, 64) if cpu else (512, 8192, 32768)), list(bc.configs) or list(DECODE_ROWS)
+  if bad := set(names) - set(DECODE_ROWS): raise ValueError(f"--configs: unknown {sorted(bad)}, allowed values for decode are {tuple(DECODE_ROWS)}")
+  if not bc.batches or min(bc.batches) < 1 or min(ctxs) < 1: raise ValueError("decode: --batches and --contexts must be positive")
+  print(f"decode | device {Device.DEFAULT} | reps {reps} | " + " ".join(f"{k}={v}" for k, v in sh.items()))
+  jobs, peer, info = [(c, B) for c in ctxs for B in bc.batches], {}, {}
+  if "torch" in names:
+    print(f"decode: {len(jobs)} PyTorch rows in a process of their own", flush=True)
+    got = isolated(torch_decode, jobs, {k: sh[k] for k in ("dim", "n_layers", "n_heads")}, reps, bc.batches[0])
+    if isinstance(got, str): print(f"decode: {got}: tinymc rows only")
+    else: peer, info = dict(zip(jobs, got["rows"])), {k: got[k] for k in ("torch", "device")}
+  rows = []
+  for n in names:
+    for c, B in jobs:
+      if n == "torch" and not peer: continue
+      r = peer[c, B] if n == "torch" else tinymc_decode(MCConfig(**{**sh, **DECODE_ROWS[n]}), c, B, reps, B == bc.batches[0])
+      ref = (peer.get((c, B)) or {}).get("step_ms")
+      rows.append({"config": n, "context": c, "B": B, **r, "tok_s": None if r["step_ms"] is None else B / r["step_ms"] * 1e3,
+                   "vs_torch": None if ref is None or r["step_ms"] is None else ref / r["step_ms"],
+                   "prefill_tok_s": None if r["prefill_ms"] is None else B * c / r["prefill_ms"] * 1e3})
+      print(f"decode {n} context={c} B={B}: " + ("step failed" if r["step_ms"] is None else f"{r['step_ms']:.3f} ms/token, "
+            f"{rows[-1]['tok_s']:,.0f} tok/s") + (f", prefill {r['prefill_ms']:.1f} ms" if r["prefill_ms"] is not None else "")
+            + (f" ({r['error']})" if r["error"] else ""), flush=True)
+  num = lambda x, f="{:,.0f}": "-" if x is None else f.format(x)
+  print("decode: vs torch = PyTorch's ms per token / this row's (same context and batch); prefill/fwd = Model.prefill over model(tokens)"
+        + (f"; PyTorch {info['torch']} on {info['device']}" if info else ""))
+  if rows: print(table(["config", "context", "B", "ms/token", "tok/s", "vs torch", "prefill tok/s", "prefill/fwd"],
+                       [[r["config"], r["context"], r["B"], num(r["step_ms"], "{:.3f}"), num(r["tok_s"]), num(r["vs_torch"], "{:.2f}"),
+                         num(r["prefill_tok_s"]), num(r["fwd_ms"] and r["prefill_ms"] / r["fwd_ms"], "{:.2f}")] for r in rows]))
+  return {"shape": sh, "reps": reps, **info, "rows": rows}
+
 # **** command line ****
 
-# subcommand: (function, its options beside --json, whether it takes MCConfig overrides). A new one (decode) is a function and a line
+# subcommand: (function, its options beside --json, whether it takes MCConfig overrides). A new one is a function and a line
 COMMANDS: dict[str, tuple[typing.Callable[[BenchConfig, dict], dict], tuple[str, ...], bool]] = {
   "check": (check, ("only", "reps"), False), "kernels": (kernels, ("reps",), False), "profile": (profile, (), False),
   "layers": (layers, ("reps", "configs", "lengths"), True), "package": (package, ("reps", "configs"), True),
-  "model": (model, ("reps", "configs"), True), "train": (train_step, ("reps", "configs", "shapes", "dtypes"), True)}
+  "model": (model, ("reps", "configs"), True), "train": (train_step, ("reps", "configs", "shapes", "dtypes"), True),
+  "decode": (decode, ("reps", "configs", "contexts", "batches"), True)}
 
 def _clean(x):
   # NaN (a row without a reference) as JSON null
@@ -645,7 +756,7 @@ def usage() -> str:
   cmds = [f"  {n:<8} {fn.__doc__}\n{'':11}options: {' '.join(f'--{o}' for o in (*opts, 'json'))}" + (", MCConfig fields" if mc else "")
           for n, (fn, opts, mc) in COMMANDS.items()]
   fields = ["  --" + line.strip() for line in inspect.getsource(BenchConfig).splitlines()[1:] if "#" in line]
-  rows = {"layers": LAYERS, "package": PACKAGE, "model": MODELS, "train": (*TORCH_ROWS, *TRAIN_ROWS)}
+  rows = {"layers": LAYERS, "package": PACKAGE, "model": MODELS, "train": (*TORCH_ROWS, *TRAIN_ROWS), "decode": DECODE_ROWS}
   return "\n".join([__doc__.strip(), "", "subcommands:", *cmds, "", "options (--key=value; field: type = default  # meaning):", *fields,
                     "", "rows (--configs=a,b):", *(f"  {n}: {', '.join(r)}" for n, r in rows.items()),
                     "", "train shapes (--shapes=a,b; the CPU runs TRAIN_SHAPES_CPU's tiny ones):",

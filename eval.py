@@ -1,14 +1,15 @@
 """
-tinymc evaluation of a trained run: language modelling at longer contexts, needle-in-a-haystack, MQAR recall.
+tinymc evaluation of a trained run: language modelling at longer contexts, needle-in-a-haystack, MQAR recall, sampling.
 
   python eval.py ppl  --ckpt=runs/default                          # val bits per byte at 1x, 2x, 4x the training length
   python eval.py ppl  --ckpt=runs/none --agg=mean --segment=512    # post-training memory caching of an agg=none model (4.3)
   python eval.py niah --ckpt=runs/default --limit=4                # NIAH-1/2/3 accuracy over lengths x depths
   python eval.py mqar --ckpt=runs/mqar                             # MQAR accuracy over (seq_len, num_kv_pairs)
+  python eval.py sample --ckpt=runs/default --prompt="def "       # 200 bytes after a prompt: a parallel prefill, then decoding
 
 Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
-the same weights. Each command prints a table and writes it as JSON into the run folder, eval_<command>[-<overrides>].json,
-or to --out. Timings and comparisons with peers are bench.py's.
+the same weights. Each command prints a table (sample: the text) and writes it as JSON into the run folder,
+eval_<command>[-<overrides>].json, or to --out. Timings and comparisons with peers are bench.py's.
 NIAH is scored by exact match of the answer bytes: teacher-forced argmax at every answer position (which equals greedy
 decoding: a wrong byte already fails the example), or with --generate by model.generate at temperature 0.
 """
@@ -35,11 +36,14 @@ class EvalConfig:
   generate: bool = False               # niah: decode the answer with model.generate (greedy) instead of teacher-forced argmax
   kvs: tuple[int, ...] = (4, 8, 16, 32, 64)   # mqar: key-value pairs per sequence
   data: str = ""                       # ppl: corpus to take the val split of; "" = the run's own
-  seed: int = 0                        # example generation
+  seed: int = 0                        # example generation and sampling
+  prompt: str = ""                     # sample: the text to continue, as UTF-8 bytes ("" = a newline)
+  n: int = 200                         # sample: bytes to generate
+  temperature: float = 0.8             # sample: softmax temperature of the sampling, 0 = greedy
   out: str = ""                        # write the JSON here instead of the run folder
 
-# the training task each command's run must have: a byte language model or an MQAR recall model
-TASKS = {"ppl": "lm", "niah": "lm", "mqar": "mqar"}
+# the training task each command's run must have: a byte language model or an MQAR recall model (sampling one is refused)
+TASKS = {"ppl": "lm", "niah": "lm", "mqar": "mqar", "sample": "lm"}
 
 def load(ec:EvalConfig, overrides:dict, cmd:str):
   if not ec.ckpt: raise ValueError("--ckpt=runs/<name> is required")
@@ -132,7 +136,17 @@ def mqar(ec:EvalConfig, overrides:dict) -> dict:
   print(table(["seq_len", *[f"kv={kv}" for kv in ec.kvs]], [[T, *[cells[T, kv] for kv in ec.kvs]] for T in lengths(ec, cfg)]))
   return {"rows": rows}
 
-COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar}
+def sample(ec:EvalConfig, overrides:dict) -> dict:
+  """Continue --prompt with --n bytes sampled at --temperature (Model.generate: a parallel prefill, then one step per byte)."""
+  _, model = load(ec, overrides, "sample")
+  prompt = (ec.prompt or "\n").encode()
+  if ec.n < 1 or ec.temperature < 0: raise ValueError(f"--n={ec.n} must be >= 1 and --temperature={ec.temperature} >= 0")
+  out = model.generate(np.frombuffer(prompt, np.uint8).astype(np.int32)[None], ec.n, ec.temperature, ec.seed)[0]
+  text = bytes(out.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+  print(text)
+  return {"prompt": prompt.decode("utf-8", errors="replace"), "text": text}
+
+COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar, "sample": sample}
 
 def evaluate(cmd:str, argv:list[str]) -> dict:
   """Run one command with --key=value arguments (EvalConfig fields, and MCConfig fields as overrides); returns its JSON dict."""

@@ -17,13 +17,12 @@ Choices the paper leaves open, made here:
 - ssc's top-k runs over past entries only (the online memory is always read), a tie going to the more recent entry.
 """
 from __future__ import annotations
-import math
+import functools, math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Tensor, TinyJit, Variable, dtypes
 from tinygrad.nn.state import get_state_dict
-from tinygrad.uop.ops import Ops
 import kernels
 
 CORES, DEEP, AGGS = ("la", "swla", "dla", "titans"), ("dla", "titans"), ("none", "residual", "grm", "soup", "ssc", "mean")
@@ -181,7 +180,7 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
     W1e.append(W1); W2e.append(W2)
   st = lambda xs: Tensor.stack(*xs, dim=len(bs)).contiguous()   # materialise: fused into the reads, Nc-way selects compile slowly
   out = dict(k=kc, K=K, W1=st(W1s), W2=st(W2s), r=st(rs), z=st(zs), d=st(ds), W1e=st(W1e), W2e=st(W2e))
-  if core == "titans": out.update(S1=st(S1s), S2=st(S2s), alpha=alpha, beta=beta)
+  if core == "titans": out.update(S1=st(S1s), S2=st(S2s), alpha=alpha, beta=beta, S1e=S1, S2e=S2)   # S*e: after the last chunk
   return out
 
 def deep_read(m:dict, x:Tensor, W:str) -> Tensor:
@@ -224,7 +223,8 @@ def online_pool(k:Tensor, C:int) -> Tensor:
   cs = avg.cast(k.dtype) @ _pad_time(k, ns * C - L, 2).reshape(B, H, ns, C, D)
   return cs.reshape(B, H, ns * C, D)[:, :, :L]
 
-def token_reads(reads:np.ndarray, C:int, L:int) -> np.ndarray: return np.repeat(reads, C, axis=0)[:L]   # (L, N)
+# the entries each token reads (L,N): from reads (n_seg,N), or a decode step's (1,N) Tensor of the live entries
+def _mask(reads, C:int, L:int, dev) -> Tensor: return reads if isinstance(reads, Tensor) else Tensor(np.repeat(reads, C, axis=0)[:L], device=dev)
 
 # ***** aggregation: what a token reads from its online memory and the cache *****
 
@@ -264,8 +264,7 @@ AGG = {"none": Agg(None, None, "none", False), "residual": Agg(_residual, "grm",
 def cache_read_ref(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.ndarray, segment:int, agg:str, topk:int) -> Tensor:
   """y_t = g_t^on o_t + sum_i g_t^(i) M^(i) q_t for linear cores (agg: residual, mean, grm or ssc). q, o (B,H,L,D), M (B,H,N,D,D),
   z (B,H,L,N), z_on (B,H,L), reads (n_seg, N) bool. The reference of kernels.cache_read."""
-  mask = Tensor(token_reads(reads, segment, q.shape[2]), device=q.device)
-  w_on, w = AGG[agg].weights(z, z_on, mask, topk)
+  w_on, w = AGG[agg].weights(z, z_on, _mask(reads, segment, q.shape[2], q.device), topk)
   # sum_i w_i M_i q = [w_0 q, w_1 q, ...] @ [M_0^T; M_1^T; ...]: one matmul over (entry, key dim)
   y = (w.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2) @ M.transpose(-1, -2).flatten(-3, -2)
   return w_on.unsqueeze(-1) * o + y
@@ -274,12 +273,13 @@ def read_cache(cfg:MCConfig, q:Tensor, o:Tensor, u:Tensor, cache:dict, p_on:Tens
                online:tuple|None=None) -> Tensor:
   """Eq. 5 for a block of tokens: y_t = g_t^on o_t + sum_i g_t^(i) M^(i)(q_t) over the entries i it reads, g as cfg.agg says. q, o
   (the online outputs), u, p_on (the online summaries) (B,H,L,D); cache: the entries' "M" (B,H,N,D,D) or "W1", "W2", and summaries
-  "p" (B,H,N,D); reads[s, i]: segment s (C tokens) reads entry i; fused: kernels.cache_read; online: (read2, read1) of the online W_t."""
+  "p" (B,H,N,D); reads[s, i]: segment s (C tokens) reads entry i (or a Tensor mask (L,N)); fused: kernels.cache_read; online: (read2,
+  read1) of the online W_t."""
   agg, D = AGG[cfg.agg], q.shape[-1]
   if agg.weights is None: return o
   z, z_on = (u @ cache["p"].transpose(-1, -2)) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
   if "M" in cache: return (kernels.cache_read if fused else cache_read_ref)(q, o, cache["M"], z, z_on, reads, C, agg.linear, cfg.topk)
-  g_on, g = agg.weights(z, z_on, Tensor(token_reads(reads, C, q.shape[2]), device=q.device), cfg.topk)
+  g_on, g = agg.weights(z, z_on, _mask(reads, C, q.shape[2], q.device), cfg.topk)
   W1, W2, g_on, g = cache["W1"], cache["W2"], g_on.unsqueeze(-1), g.permute(0, 1, 3, 2).unsqueeze(-1)   # W (B,H,N,...), g (B,H,N,L,1)
   if (agg.mix or cfg.ssc_mix) == "soup":
     # Eq. 15: y_t = f_{W*_t}(q_t) with W*_t = g^on W_t + sum_i g^(i) W^(i), for both weight matrices
@@ -331,54 +331,98 @@ def scan_deep(q, k, v, gates, init, blocks, cfg, fused) -> tuple[Tensor, dict, t
   read2, read1 = (lambda x: read("W2", x)), (lambda h: read("W1", h))
   ends = lambda W: W[:, :, :, -1] if indep else W[:, :, C // T - 1::C // T]                # the weights at each segment's end
   o = q + read1(read2(q).gelu())                                                           # Eq. 33: o_t = f_{W_t}(q_t)
-  return o, {"W1": _entries(ends(m["W1e"]), blocks, indep), "W2": _entries(ends(m["W2e"]), blocks, indep)}, (read2, read1)
+  cache = {"W1": _entries(ends(m["W1e"]), blocks, indep), "W2": _entries(ends(m["W2e"]), blocks, indep)}
+  if "S1e" in m and not indep: cache.update(S1=m["S1e"], S2=m["S2e"])                     # titans' momentum after the last token
+  return o, cache, (read2, read1)
 
 # each core's chunkwise pass: (q, k, v, gates, init, blocks, cfg, fused) -> o (B,H,L,D), the cached states, the online readers
 SCANS = {"la": scan_linear, "swla": scan_linear, "dla": scan_deep, "titans": scan_deep}
 
-def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig, init:dict|None=None) -> Tensor:
+def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig, init:dict|None=None, state:dict|None=None) -> Tensor:
   """Memory caching for one layer. q, k, v, u (B,H,L,D) used as given; gates dict of (B,H,L) in (0,1); init None or
-  {"M": (H,D,D)} for linear cores, {"W1": (H,D,E), "W2": (H,E,D)} for deep cores. Returns y (B,H,L,D)."""
+  {"M": (H,D,D)} for linear cores, {"W1": (H,D,E), "W2": (H,E,D)} for deep cores. Returns y (B,H,L,D).
+  state: a decode state (mem_init's) that receives the memory after the last token, which must end a segment (assigned lazily)."""
   _check(q, k, v, u, gates, cfg, init)
-  dt = q.dtype
+  dt, L = q.dtype, q.shape[2]
   q, k, v, u = (x.float() for x in (q, k, v, u))
   gates = {g: gates[g].float() for g in GATES[cfg.core]}
   C, fused = cfg.segment, cfg.kernels and kernels.applies(q)
-  blocks, reads = cache_plan(-(-q.shape[2] // C), cfg.segmentation)
+  # with a state, also the entries that the token after the last one reads
+  blocks, reads = cache_plan(-(-L // C) + (state is not None), cfg.segmentation)
   o, cache, online = SCANS[cfg.core](q, k, v, gates, init, blocks, cfg, fused)
   if not blocks: return o.cast(dt)                                           # no segment is complete: nothing is cached yet
-  return read_cache(cfg, q, o, u, {**cache, "p": pooled(k, blocks, C)}, online_pool(k, C), reads, C, fused, online).cast(dt)
+  cache["p"] = pooled(k, blocks, C)
+  if state is not None: _fill(state, cfg, blocks, reads[-1], cache, k, v, gates, init, L)
+  return read_cache(cfg, q, o, u, cache, online_pool(k, C), reads[:-(-L // C)], C, fused, online).cast(dt)
 
 # ***** the recurrence token by token: decoding, and the obviously-right reference of memory_mix *****
 
-def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, device=None) -> dict:
-  # the online memory, its running key sum and count, and the cache; "t" counts the tokens seen
-  st = {"t": 0, "ksum": Tensor.zeros(B, H, D, device=device).contiguous(), "n": Tensor.zeros(1, device=device).contiguous(), "entries": []}
-  if cfg.core in DEEP:
-    W1, W2 = init["W1"].float().expand(B, *init["W1"].shape), init["W2"].float().expand(B, *init["W2"].shape)
-    return {**st, "W1": W1, "W2": W2, "Ws": (W1, W2), "S1": W1.zeros_like(), "S2": W2.zeros_like()}
-  M0 = Tensor.zeros(H, D, D, device=device) if init is None else init["M"].float()
-  return {**st, "M": M0.expand(B, H, D, D), "prev": None, "A": Tensor.ones(B, H, device=device), "c": Tensor.zeros(B, H, device=device)}
+def _fresh(cfg:MCConfig, B:int, H:int, D:int, init:dict|None) -> dict:
+  # the online memory at the start (and at every independent segment's start): M0, or W0 and no momentum
+  if cfg.core not in DEEP: return {"M": (Tensor.zeros(H, D, D) if init is None else init["M"].float()).expand(B, H, D, D)}
+  W = {x: init[x].float().expand(B, *init[x].shape) for x in ("W1", "W2")}
+  return {**W, "S1": W["W1"].zeros_like(), "S2": W["W2"].zeros_like()}
+
+def _levels(N:int) -> Tensor: return Tensor(2 ** (N - 1 - np.arange(N, dtype=np.int32)))   # 2^j of log slot N-1-j, the largest first
+
+def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> dict:
+  """A decode state of fixed shape, realized: the online memory ("M", the previous token's "pk", "pv"; or "W1", "W2", titans' momentum
+  "S1", "S2", the chunk-start "Ws1", "Ws2"), the online key sum "ksum", and the cache in N slots, "E" + an entry's field (state, "ksum",
+  count "n", 0 where empty). const: slot i holds segment i; log: slot N-1-j the Fenwick block of 2^j segments, and for independent
+  compressors "R" each level's compressor since its block started. The layer's conv keeps its last inputs in "conv"."""
+  st = {**_fresh(cfg, B, H, D, init), "ksum": Tensor.zeros(B, H, D)}
+  if cfg.conv: st["conv"] = Tensor.zeros(B, max(cfg.conv - 1, 1), 3 * H * D)
+  st.update({f"Ws{i}": _fresh(cfg, B, H, D, init)[f"W{i}"] for i in (1, 2)} if cfg.core in DEEP else {x: Tensor.zeros(B, H, D) for x in ("pk", "pv")})
+  if AGG[cfg.agg].weights is not None:
+    N = max(1, -(-max_len // cfg.segment) if cfg.segmentation == "const" else (max_len // cfg.segment).bit_length())   # const: s < N
+    st.update({"E" + x: Tensor.zeros(B, H, N, *st[x].shape[2:]) for x in ("M", "W1", "W2", "ksum") if x in st}, En=Tensor.zeros(N))
+    if cfg.segmentation == "log" and cfg.state_init == "independent": st["R"] = Tensor.zeros(B, H, N, D, D)
+  return {x: t.contiguous().realize() for x, t in st.items()}
+
+def _fill(st:dict, cfg:MCConfig, blocks:list, mine:np.ndarray, cache:dict, k:Tensor, v:Tensor, gates:dict, init:dict|None, L:int):
+  # assigns the decode state after token L-1, the end of segment s: the online memory (an independent one restarts at the next token)
+  # and the entries that a token of segment s reads (mine[i]: block i), in their slots
+  C, s, last = cfg.segment, L // cfg.segment, [e for _, e in blocks].index(L // cfg.segment)   # last: the block that ends at s
+  new = {x: cache[x][:, :, last] for x in ("M", "W1", "W2") if x in cache} | {x: cache[x] for x in ("S1", "S2") if x in cache}
+  if "M" in cache: new.update(pk=k[:, :, L - 1], pv=v[:, :, L - 1])
+  if "En" in st:
+    N, n = st["En"].shape[0], np.array([(e - a) * C for a, e in blocks], np.float32)
+    slot = [a if cfg.segmentation == "const" else N - (e - a).bit_length() for a, e in blocks]
+    onehot = np.array([[m and i == j for i, m in zip(slot, mine)] for j in range(N)], np.float32)   # (N, entries): block -> its slot
+    ent = {x: cache[x] for x in ("M", "W1", "W2") if x in cache} | {"ksum": cache["p"] * Tensor(n).reshape(-1, 1)}
+    put = lambda x: (Tensor(onehot) @ x.flatten(3)).reshape(*x.shape[:2], N, *x.shape[3:])
+    new.update({"E" + x: put(val) for x, val in ent.items()}, En=Tensor(onehot @ n))
+  if "R" in st:
+    # level j's compressor of its block so far, segments s - s % 2^j .. s-1 (none where its next block starts at s)
+    la, b, l = (gates["a"].log(), gates["b"], gates["l"]) if gates else (None, None, None)
+    M0, span = None if init is None else init["M"].float(), lambda x, a: None if x is None else x[:, :, a * C:L]
+    R = [linear_scan(*(span(x, s - s % 2 ** j) for x in (k, k, v, la, b, l)), M0, cfg.chunk, s % 2 ** j * C, True)[1][:, :, 0]
+         if s % 2 ** j else Tensor.zeros(*k.shape[:2], k.shape[-1], k.shape[-1]) for j in reversed(range(st["R"].shape[2]))]
+    new["R"] = Tensor.stack(*R, dim=2)
+  for x, val in new.items(): st[x].assign(val)
 
 def _outer(x:Tensor, y:Tensor) -> Tensor: return x.unsqueeze(-1) * y.unsqueeze(-2)
 def _mat(x:Tensor) -> Tensor: return x.unsqueeze(-1).unsqueeze(-1)   # a per-(batch, head) scalar (B,H) that scales matrices (B,H,1,1)
 
-def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, t:int) -> tuple[Tensor, None]:
-  # la / swla, one token: update M in st, return o_t = M_t q_t
-  if g:
-    a, b = g["a"], g["b"]
-    M = _mat(a) * st["M"] + _mat(g["l"]) * _outer(v, k)                     # Eq. 28
-    if st["prev"] is not None: M = M + _mat(b) * _outer(*st["prev"])
-  else: a, b, M = q.ones_like()[..., 0], q.zeros_like()[..., 0], st["M"] + _outer(v, k)   # Eq. 12
-  # for merging independent compressors: A = prod a over the segment, c = its first b-term decayed to now
-  A, c = (a, b) if t % cfg.segment == 0 else (st["A"] * a, st["c"] * a)
-  st.update(M=M, prev=(v, k), A=A, c=c)
-  return (M @ q.unsqueeze(-1))[..., 0], None
+def step_linear(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor, fresh:dict) -> tuple[Tensor, None]:
+  # la / swla, one token: update M (and log + independent's level compressors R) in st, return o_t = M_t q_t
+  first = pos % cfg.segment == 0
+  def upd(M:Tensor, restart:Tensor) -> Tensor:
+    # M (B,H,n,D,D): Eq. 28 (12); a compressor that restarts here starts from M0 without b-term (nor has token 0: pk, pv are 0)
+    M, vk = restart.where(fresh["M"].unsqueeze(2), M), _outer(v, k).unsqueeze(2)
+    if not g: return M + vk
+    a, l, b = (g[x].reshape(*g[x].shape, 1, 1, 1) for x in ("a", "l", "b"))
+    return a * M + l * vk + b * restart.where(0, _outer(st["pv"], st["pk"]).unsqueeze(2))
+  # log + independent: level j restarts at the start of every 2^j-th segment
+  if "R" in st: st["R"] = upd(st["R"], ((pos // cfg.segment % _levels(st["R"].shape[2]) == 0) & first).reshape(-1, 1, 1))
+  st.update(M=upd(st["M"].unsqueeze(2), (first & (cfg.state_init == "independent")).reshape(1, 1, 1))[:, :, 0], pk=k, pv=v)
+  return (st["M"] @ q.unsqueeze(-1))[..., 0], None
 
-def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, t:int) -> tuple[Tensor, tuple]:
+def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, pos:Tensor, fresh:dict) -> tuple[Tensor, tuple]:
   # dla / titans, one token with its gradient at the chunk-start weights Ws: update st, return o_t = f_{W_t}(q_t) and W_t's readers
-  if t % cfg.chunk == 0: st["Ws"] = (st["W1"], st["W2"])
-  r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), *st["Ws"])
+  if cfg.state_init == "independent": st.update({x: (pos % cfg.segment == 0).where(val, st[x]) for x, val in fresh.items()})
+  st.update({f"Ws{i}": (pos % cfg.chunk == 0).where(st[f"W{i}"], st[f"Ws{i}"]) for i in (1, 2)})
+  r, z, d = deep_grads(cfg.core, k.unsqueeze(-2), v.unsqueeze(-2), st["Ws1"], st["Ws2"])
   g1, g2 = _outer(r[..., 0, :], z[..., 0, :]), _outer(d[..., 0, :], k)
   e = _mat(g["e"])
   if cfg.core == "dla": st.update(W1=st["W1"] - e * g1, W2=st["W2"] - e * g2)                     # Eq. 32
@@ -390,41 +434,35 @@ def step_deep(st:dict, q:Tensor, k:Tensor, v:Tensor, g:dict, cfg:MCConfig, t:int
   read2, read1 = (lambda x: x @ W2.transpose(-1, -2)), (lambda h: h @ W1.transpose(-1, -2))
   return q + read1(read2(q.unsqueeze(-2)).gelu())[..., 0, :], (read2, read1)
 
-# each core's token step: (state, q, k, v, gates, cfg, t) -> o (B,H,D) and the online readers, the state updated in place
+# each core's token step: (state, q, k, v, gates, cfg, position, the fresh memory) -> o (B,H,D) and the online readers, st updated
 STEPS = {"la": step_linear, "swla": step_linear, "dla": step_deep, "titans": step_deep}
 
-def _merge(X:dict, Y:dict, init:dict|None, indep:bool) -> dict:
-  # two adjacent log blocks become one, as a binary counter carries; pooled means merge by count
-  out = {**Y, "ksum": X["ksum"] + Y["ksum"], "n": X["n"] + Y["n"]}
-  if indep:
-    # the union's compressor: X decayed through Y, Y's own tokens, and Y's first b-term that now reaches X's last token (Eq. 28)
-    M = _mat(Y["A"]) * (X["M"] - (0 if init is None else init["M"].float())) + Y["M"] + _mat(Y["c"]) * _outer(X["v"], X["k"])
-    out.update(M=M, A=X["A"] * Y["A"], c=X["c"] * Y["A"])
-  return out
-
-def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None) -> tuple[Tensor, dict]:
-  """One token: update the online memory, read it and the cache, and cache the state when a segment completes.
-  q, k, v, u (B,H,D); g dict of (B,H) gates. Work grows with the number of cached entries, not with the tokens seen."""
-  C, t, D, indep = cfg.segment, st["t"], q.shape[-1], cfg.state_init == "independent"
-  # the online key sum and count as tensors (not Python constants), so the steps of a segment share one schedule
-  st = {**st, "t": t + 1, "ksum": st["ksum"] + k, "n": st["n"] + 1}
-  o, online = STEPS[cfg.core](st, q, k, v, g, cfg, t)
-  y, E = o, st["entries"]
-  keep = ("M", "A", "c") if "M" in st else ("W1", "W2")                     # what an entry holds
-  if E:
-    # memory_mix's read for a block of one token that reads every entry
-    cache = {x: Tensor.stack(*[e[x] for e in E], dim=2) for x in keep}
-    cache["p"] = Tensor.stack(*[e["ksum"] / e["n"] for e in E], dim=2)
-    p_on = (st["ksum"] / st["n"]).unsqueeze(-2)
-    y = read_cache(cfg, q.unsqueeze(-2), o.unsqueeze(-2), u.unsqueeze(-2), cache, p_on, np.ones((1, len(E)), bool), 1, online=online)[..., 0, :]
-  if (t + 1) % C == 0:
-    # the segment is complete (Eq. 4): cache the state with its key sum; log merges equal blocks like a binary counter carries
-    E = E + [{**{x: st[x] for x in keep}, "ksum": st["ksum"], "n": C, "k": k, "v": v}]
-    while cfg.segmentation == "log" and len(E) > 1 and E[-1]["n"] == E[-2]["n"]: E = E[:-2] + [_merge(E[-2], E[-1], init, indep)]
-    # a new segment: its key sum restarts, and so does an independent compressor's online memory
-    fresh = mem_init(cfg, *q.shape[:2], D, init, q.device)
-    st.update(entries=E, **{x: fresh[x] for x in fresh if x in ("ksum", "n") or (indep and x not in ("t", "entries"))})
-  return y, st
+def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConfig, init:dict|None, var:Variable) -> tuple[Tensor, dict]:
+  """One token at position var (a bound Variable): update the online memory, read it and the live cache slots, and at a segment's
+  last token write its state into a slot. q, k, v, u (B,H,D); g dict of (B,H) gates; st mem_init's state. Returns y (B,H,D) and
+  the new state (const's slot is written in place). Work grows with the cache's slots, not with the tokens seen."""
+  C, pos, st = cfg.segment, Tensor(var), dict(st)
+  st["ksum"] = (pos % C == 0).where(0, st["ksum"]) + k                      # the online segment's key sum
+  o, online = STEPS[cfg.core](st, q, k, v, g, cfg, pos, _fresh(cfg, *q.shape, init))
+  if "En" not in st: return o, st
+  E = {x[1:]: val for x, val in st.items() if x[0] == "E"}
+  cache = {x: E[x] for x in ("M", "W1", "W2") if x in E} | {"p": E["ksum"] / E["n"].maximum(1).reshape(-1, 1)}
+  p_on = (st["ksum"] / (pos % C + 1).float()).unsqueeze(-2)
+  # memory_mix's read for a block of one token over the live slots
+  y = read_cache(cfg, *(x.unsqueeze(-2) for x in (q, o, u)), cache, p_on, (E["n"] > 0).reshape(1, -1), 1, online=online)[..., 0, :]
+  # at a segment's last token its state and key sum become an entry (Eq. 4): const, in slot s, in place (one slot, a Variable slice;
+  # the read above masks it); log, in level j = the lowest set bit of s+1, with the key sums of the levels below j, which empty
+  last, s1, Y = pos % C == C - 1, pos // C + 1, {x: st[x].unsqueeze(2) for x in ("M", "W1", "W2", "ksum") if x in E}
+  if cfg.segmentation == "const":
+    sl = slice(var // C, var // C + 1)
+    Tensor.realize(*[st["E" + x][:, :, sl].assign(last.where(val, st["E" + x][:, :, sl])) for x, val in Y.items()])
+    return y, {**st, "En": ((Tensor.arange(E["n"].shape[0]) == s1 - 1) & last).where(C, st["En"])}
+  unit = _levels(E["n"].shape[0])
+  land, carry = (s1 % unit == 0) & (s1 % (2 * unit) != 0) & last, (s1 % (2 * unit) == 0) & last
+  Y.update(n=carry.where(E["n"], 0).sum() + C, ksum=Y["ksum"] + carry.reshape(-1, 1).where(E["ksum"], 0).sum(2, keepdim=True))
+  if "R" in st: Y["M"] = st["R"]
+  st.update({"E" + x: land.reshape(-1, *[1] * (E[x].ndim - 3)).where(Y[x], E[x]) for x in E})   # land (N,) against (B,H,N,...)
+  return y, {**st, "En": carry.where(0, st["En"])}
 
 # ***** the token mixers, the block and the model *****
 
@@ -464,61 +502,64 @@ class Memory:
     g = (_lin(h, self.wg, self.cfg.kernels).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
     return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
 
-  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
-    if self.cfg.conv:
+  def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
+    # st: a decode state to fill with the memory after the last token (prefill)
+    w, L = self.cfg.conv, qkv.shape[1]
+    if st is not None and w: st["conv"].assign(qkv.pad((None, (st["conv"].shape[1], 0), None))[:, L:].float())
+    if w:
       # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
-      w, L = self.cfg.conv, qkv.shape[1]
       xp = qkv.pad((None, (w - 1, 0), None))
       wb = self.conv.cast(qkv.dtype).unsqueeze(0).expand(qkv.shape[0], *self.conv.shape).contiguous_backward()   # grad per row first
       qkv = sum(xp[:, i:i + L] * wb[:, i:i + 1] for i in range(w))
-    return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0)
+    return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
-  def init_state(self, B:int) -> dict:
-    dim, H = self.cfg.dim, self.cfg.n_heads
-    return {"conv": Tensor.zeros(B, max(self.cfg.conv - 1, 0), 3 * dim), "mem": mem_init(self.cfg, B, H, dim // H, self.W0)}
+  def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)
 
-  def jittable(self, t:int) -> bool:
-    # the same kernels as the step before, except where the cache changes (a segment's ends) or a deep core's chunk starts
-    C = self.cfg.segment
-    return t % C not in (0, C - 1) and not (self.cfg.core in DEEP and t % self.cfg.chunk == 0)
-
-  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
-    # one token (B,1,...) with the recurrent state -> y (B,H,1,D)
-    conv = st["conv"]
+  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
+    # one token (B,1,...) at position pos -> y (B,H,1,D); the state's new values are assigned to it
+    new = dict(st)
     if self.cfg.conv:
-      window = conv.cast(qkv.dtype).cat(qkv, dim=1)                          # (B, w, 3dim): the last w inputs
-      conv, qkv = window[:, 1:], (window * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
+      window = st["conv"].cast(qkv.dtype).cat(qkv, dim=1)                 # the last inputs, this one included
+      new["conv"], qkv = window[:, 1:].float(), (window[:, -self.cfg.conv:] * self.conv.cast(qkv.dtype)).sum(1, keepdim=True)
     q, k, v, u, gates = self._inputs(h, qkv)
-    y, mem = mem_step(st["mem"], *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0)
-    return y.unsqueeze(2).cast(h.dtype), {"conv": conv, "mem": mem}
+    y, new = mem_step(new, *(x[:, :, 0].float() for x in (q, k, v, u)), {n: g[:, :, 0] for n, g in gates.items()}, self.cfg, self.W0, pos)
+    for x in [x for x, val in new.items() if val is not st[x]]: st[x].assign(new[x])
+    return y.unsqueeze(2).cast(h.dtype)
 
-def rope(x:Tensor, pos:int, theta:float) -> Tensor:
-  # rotary position embedding on (B,H,L,D), positions pos..pos+L-1, rotating the two halves of D
-  L, D = x.shape[2:]
-  ang = np.arange(pos, pos + L, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)[None]
-  cos, sin = (Tensor(f(ang).astype(np.float32), device=x.device).cast(x.dtype) for f in (np.cos, np.sin))
-  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+def rope_table(L:int, D:int, theta:float) -> tuple[Tensor, Tensor]:
+  # cos and sin (L, D/2) of the rotary angles of positions 0..L-1, computed in float64
+  ang = np.arange(L, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)[None]
+  return Tensor(np.cos(ang).astype(np.float32)), Tensor(np.sin(ang).astype(np.float32))
+
+def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
+  # rotary position embedding on (B,H,L,D), rotating the two halves of D by the angles of cos, sin (L, D/2)
+  x1, x2, cos, sin = *x.chunk(2, dim=-1), cos.cast(x.dtype), sin.cast(x.dtype)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 class Attention:
-  """Causal softmax attention with RoPE on the plain projections x Wqkv (no conv, no L2 norm): the Transformer baseline."""
+  """Causal softmax attention with RoPE on the plain projections x Wqkv (no conv, no L2 norm): the Transformer baseline. Decoding keeps
+  a key/value cache (B,H,max_len,D) written in place at the position, a Variable, and reads its first pos+1 entries."""
   def __init__(self, cfg:MCConfig): self.cfg = cfg
-  def init_state(self, B:int) -> dict: return {"pos": 0, "k": None, "v": None}
-  # the key/value cache grows every token, and with it every step's shapes: nothing to replay
-  def jittable(self, t:int) -> bool: return False
 
-  def _qkv(self, qkv:Tensor, pos:int) -> list[Tensor]:
+  def init_state(self, B:int, max_len:int) -> dict:
+    H, D = self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
+    kv = [Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for _ in range(2)]
+    return dict(zip(("k", "v", "cos", "sin"), (x.contiguous().realize() for x in (*kv, *rope_table(max_len, D, self.cfg.rope_theta)))))
+
+  def _qkv(self, qkv:Tensor, cos:Tensor, sin:Tensor) -> list[Tensor]:
     q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
-    return [rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta), v]
+    return [rope(q, cos, sin), rope(k, cos, sin), v]
 
-  def __call__(self, h:Tensor, qkv:Tensor) -> Tensor:
-    q, k, v = self._qkv(qkv, 0)
+  def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
+    q, k, v = self._qkv(qkv, *rope_table(qkv.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta))
+    if st is not None:
+      for x, val in (("k", k), ("v", v)): st[x].assign(val.pad((None, None, (0, st[x].shape[2] - val.shape[2]), None)))
     return q.scaled_dot_product_attention(k, v, is_causal=True)
 
-  def step(self, h:Tensor, qkv:Tensor, st:dict) -> tuple[Tensor, dict]:
-    q, k, v = self._qkv(qkv, st["pos"])
-    if st["k"] is not None: k, v = st["k"].cat(k, dim=2), st["v"].cat(v, dim=2)
-    return q.scaled_dot_product_attention(k, v), {"pos": st["pos"] + 1, "k": k, "v": v}
+  def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
+    q, k, v = self._qkv(qkv, st["cos"][pos:pos + 1], st["sin"][pos:pos + 1])
+    Tensor.realize(st["k"][:, :, pos:pos + 1].assign(k), st["v"][:, :, pos:pos + 1].assign(v))
+    return q.scaled_dot_product_attention(st["k"][:, :, :pos + 1], st["v"][:, :, :pos + 1])
 
 MIXERS = {"mc": Memory, "attn": Attention}
 
@@ -538,25 +579,24 @@ class Block:
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate, self.mixer.cfg.kernels).silu(), self.wo, self.mixer.cfg.kernels)
 
-  def mix(self, x:Tensor) -> Tensor:
-    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is)
+  def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:
+    # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is); st: a decode
+    # state to fill (prefill), or with the position pos, to step one token x (B,1,dim) through
     h = _rms(x, self.norm1)
-    return self._out(x, h, self.mixer(h, _lin(h, self.wqkv, self.mixer.cfg.kernels)))   # q, k, v = x W (Eq. 4)
+    qkv = _lin(h, self.wqkv, self.mixer.cfg.kernels)                                      # q, k, v = x W (Eq. 4)
+    return self._out(x, h, self.mixer(h, qkv, st) if pos is None else self.mixer.step(h, qkv, st, pos))
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
     h = _rms(x, self.norm2)
     return x + _lin(_lin(h, self.w1, self.mixer.cfg.kernels).silu() * _lin(h, self.w3, self.mixer.cfg.kernels), self.w2, self.mixer.cfg.kernels)
 
-  def __call__(self, x:Tensor) -> Tensor: return self.mlp(self.mix(x))
+  def __call__(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor: return self.mlp(self.mix(x, st, pos))
   # the parameters mix uses: all but the MLP's
   def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
 
-  def step(self, x:Tensor, st:dict) -> tuple[Tensor, dict]:
-    # one token x (B,1,dim) with the recurrent state
-    h = _rms(x, self.norm1)
-    y, st = self.mixer.step(h, _lin(h, self.wqkv, self.mixer.cfg.kernels), st)
-    return self.mlp(self._out(x, h, y)), st
+DECODE_LEN = 4096   # init_state's default max_len, and prefill's beyond the prompt: 8x the default preset's training context
+def _tensors(state:dict) -> list[Tensor]: return [st[x] for st in state["blocks"] for x in sorted(st)]   # a decode state's, in order
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -565,96 +605,55 @@ class Model:
     self.emb = Tensor.normal(cfg.vocab, cfg.dim, std=0.02)
     self.blocks = [Block(cfg) for _ in range(cfg.n_layers)]
     self.norm = Tensor.ones(cfg.dim)
-    self._jits, self._plans = {}, {}                                       # decode steps captured by TinyJit, by state structure
+    self._jits = {}                                                       # decode steps captured by TinyJit, by the state's shapes
 
   def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)   # logits (B,L,vocab)
 
-  def __call__(self, tokens:Tensor) -> Tensor:
-    # tokens (B,L) int -> logits (B,L,vocab) float32
+  def __call__(self, tokens:Tensor, state:dict|None=None) -> Tensor:
+    # tokens (B,L) int -> logits (B,L,vocab) float32; state: a decode state that receives the memory after the last token (prefill)
     x = self.emb[tokens].cast(self.cfg.dtype)
-    for blk in self.blocks: x = blk(x)
+    for i, blk in enumerate(self.blocks): x = blk(x, None if state is None else state["blocks"][i])
     return self.head(x)
 
-  def init_state(self, B:int) -> dict: return {"t": 0, "blocks": [blk.mixer.init_state(B) for blk in self.blocks]}
+  def init_state(self, B:int, max_len:int|None=None) -> dict:
+    """A decode state of fixed shape for up to max_len tokens (default DECODE_LEN): each block's (mem_init), "t" the next position."""
+    max_len = DECODE_LEN if max_len is None else max_len
+    return {"t": 0, "max_len": max_len, "blocks": [blk.mixer.init_state(B, max_len) for blk in self.blocks]}
 
-  def _step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
-    x = self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
-    new = []
-    for blk, st in zip(self.blocks, state["blocks"]):
-      x, st = blk.step(x, st)
-      new.append(st)
-    logits = self.head(x)[:, 0]
-    Tensor.realize(logits, *_leaves(new))
-    return logits, {"t": state["t"] + 1, "blocks": new}
+  def prefill(self, tokens:Tensor|np.ndarray, max_len:int|None=None) -> tuple[Tensor, dict]:
+    """tokens (B,T) -> logits (B,T,vocab) and the decode state after token T-1, room for max_len tokens (default T + DECODE_LEN).
+    The parallel forward runs to the last segment end (attention: to T); the tokens after it are stepped."""
+    toks, T = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens, dtype=np.int32), tokens.shape[1]
+    state = self.init_state(toks.shape[0], T + DECODE_LEN if max_len is None else max_len)
+    if T > state["max_len"]: raise ValueError(f"prefill: {T} tokens are past max_len={state['max_len']}")
+    T0, out = T if self.cfg.mixer == "attn" else T // self.cfg.segment * self.cfg.segment, []
+    if T0: out, state["t"] = [self(Tensor(toks[:, :T0]), state).realize(*_tensors(state))], T0
+    if T0 < T: out.append(Tensor(np.stack([self.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(T0, T)], 1)))
+    return out[0].cat(*out[1:], dim=1), state
+
+  def _step(self, names:list, tokens:Tensor, pos:Variable, *flat:Tensor) -> Tensor:
+    it, x = iter(flat), self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
+    for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
+    return self.head(x)[:, 0].realize(*flat)
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
-    """One token per sequence (B,) -> logits (B,vocab) and the next state. The state is consumed: reuse only the returned one.
-    Where every mixer runs the kernels of the token before (inside a segment), TinyJit captures the step once and replays it."""
-    if not all(blk.mixer.jittable(state["t"]) for blk in self.blocks): return self._step(tokens, state)
-    # the state's tensors in traversal order (an entry may share one with the online state); the JIT takes distinct buffers
-    own = {id(x): _plain(x) for x in _leaves(state)}
-    flat = [own[id(x)] for x in _leaves(state)]
-    ins = list({x.uop.base: x for x in flat}.values())
-    where = [[u.uop.base for u in ins].index(x.uop.base) for x in flat]
-    key = (_structure(state), tokens.shape, tuple(where))
-    if key not in self._jits:
-      def fn(tok:Tensor, ts:list[Tensor], template=state, where=where, key=key):
-        logits, new = self._step(tok, _rebuild(template, iter([ts[i] for i in where])))
-        # a leaf of the new state either passes an input through (the cache) or is computed: replays return fresh outputs only
-        pos = {id(x): i for i, x in enumerate(ts)}
-        outs = list({id(x): x for x in _leaves(new) if id(x) not in pos}.values())
-        opos = {id(x): i for i, x in enumerate(outs)}
-        self._plans[key] = [("in", pos[id(x)]) if id(x) in pos else ("out", opos[id(x)]) for x in _leaves(new)]
-        return [logits, *outs]
-      self._jits[key] = TinyJit(fn)
-    if (cap := self._jits[key].captured) is not None:
-      # a state tensor passed straight through may live in a buffer the replay overwrites (the previous replay's output): copy it
-      passed = {i for src, i in self._plans[key] if src == "in"}
-      copy = {i: ins[i].clone() for i in passed if ins[i].uop.base in cap._written_uops}
-      if copy: Tensor.realize(*copy.values())
-      ins = [_plain(copy[i]) if i in copy else x for i, x in enumerate(ins)]
-    logits, *outs = self._jits[key](tokens.contiguous().realize(), ins)
-    # inside a segment the structure does not change: the same state with new tensors, one token later
-    return logits, _rebuild(state, iter([ins[i] if src == "in" else outs[i] for src, i in self._plans[key]]), dt=1)
+    """One token per sequence (B,) at position state["t"] -> logits (B,vocab) and the state, updated in place. The position is a
+    bound Variable, so one TinyJit per batch shape serves every token. The logits live until the next step of the same shape."""
+    t, max_len, flat = state["t"], state["max_len"], _tensors(state)
+    if t >= max_len: raise ValueError(f"step: position {t} is past max_len={max_len}; prefill or init_state with a larger max_len")
+    key = (tokens.shape, *((x.shape, x.dtype) for x in flat))
+    if key not in self._jits: self._jits[key] = TinyJit(functools.partial(self._step, [sorted(st) for st in state["blocks"]]))
+    state["t"] = t + 1
+    return self._jits[key](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t), *flat), state
 
   def generate(self, prompt:Tensor|np.ndarray, n:int, temperature:float=1.0, seed:int=0) -> np.ndarray:
-    # feed the prompt token by token, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int
+    # prefill the prompt, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int
     toks = np.asarray(prompt.numpy() if isinstance(prompt, Tensor) else prompt, dtype=np.int32)
-    rng, state, out = np.random.default_rng(seed), self.init_state(toks.shape[0]), [toks]
-    for t in range(toks.shape[1] + n - 1):
-      cur = toks[:, t] if t < toks.shape[1] else out[-1][:, 0]
-      logits, state = self.step(Tensor(cur), state)
-      if t < toks.shape[1] - 1: continue
-      lg = logits.numpy().astype(np.float64)
-      if temperature == 0: nxt = lg.argmax(-1)
-      else:
-        p = np.exp((lg - lg.max(-1, keepdims=True)) / temperature)
-        nxt = np.array([rng.choice(len(pi), p=pi / pi.sum()) for pi in p])
-      out.append(nxt[:, None].astype(np.int32))
+    logits, state = self.prefill(toks, toks.shape[1] + n)
+    rng, out, lg = np.random.default_rng(seed), [toks], logits[:, -1]
+    for i in range(n):
+      # a sample of softmax(logits / temperature): the argmax after adding Gumbel noise
+      lg = lg.numpy().astype(np.float64) / (temperature or 1) + (rng.gumbel(size=lg.shape) if temperature else 0)
+      out.append(lg.argmax(-1)[:, None].astype(np.int32))
+      if i < n - 1: lg, state = self.step(Tensor(out[-1][:, 0]), state)
     return np.concatenate(out, axis=1)
-
-def _plain(x:Tensor) -> Tensor:
-  # a realized state tensor in the one form the JIT sees at every call, its own buffer reshaped (no copy); other views are copied
-  if x.uop.op is Ops.BUFFER or (x.uop.op is Ops.RESHAPE and x.uop.src[0].op is Ops.BUFFER): return Tensor(x.uop.base).reshape(x.shape)
-  return x.clone().realize()
-
-def _structure(x):
-  # everything but the tensors and the position: what decides the Python control flow of a step
-  if isinstance(x, Tensor): return ("T", x.shape, x.dtype)
-  if isinstance(x, dict): return tuple((k, _structure(v)) for k, v in x.items() if k != "t")
-  if isinstance(x, (list, tuple)): return (type(x).__name__, *(_structure(v) for v in x))
-  return x
-
-def _leaves(x) -> list[Tensor]:
-  # the tensors of a nested state in traversal order, repeats included
-  if isinstance(x, Tensor): return [x]
-  vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
-  return [t for v in vals for t in _leaves(v)]
-
-def _rebuild(x, it, dt:int=0):
-  # the same nested state with its tensors taken in _leaves order from `it` and every position "t" moved on by dt
-  if isinstance(x, Tensor): return next(it)
-  if isinstance(x, dict): return {k: v + dt if k == "t" else _rebuild(v, it, dt) for k, v in x.items()}
-  if isinstance(x, (list, tuple)): return type(x)(_rebuild(v, it, dt) for v in x)
-  return x
-

@@ -52,3 +52,14 @@ def test_train(tmp_path, monkeypatch, capsys):
   assert row["config"] == "la+none" and row["tok_s"] > 0 and row["ratio"] is None and row["first_s"] > 0 and row["error"] is None
   assert "vs eager -" in capsys.readouterr().out
   assert bench.main(["train", "--shapes=huge"]) == 2 and bench.main(["train", "--dim=64"]) == 2
+
+def test_decode(tmp_path):
+  # one tinymc row and the PyTorch KV-cache row (where PyTorch imports) at the tiniest size: step and prefill tok/s, the JSON
+  out = tmp_path / "decode.json"
+  tiny = ["--contexts=16", "--batches=1", "--reps=1", "--dim=16", "--n_heads=1", "--segment=8", "--chunk=4"]
+  assert bench.main(["decode", "--configs=torch,grm", *tiny, f"--json={out}"]) == 0
+  rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+  grm = rows["grm"]
+  assert grm["context"] == 16 and grm["B"] == 1 and grm["tok_s"] > 0 and grm["prefill_tok_s"] > 0 and grm["fwd_ms"] > 0 and grm["error"] is None
+  if "torch" in rows: assert rows["torch"]["tok_s"] > 0 and rows["torch"]["prefill_tok_s"] > 0 and grm["vs_torch"] > 0
+  assert bench.main(["decode", "--configs=bogus"]) == 2 and bench.main(["decode", "--batches=0"]) == 2

@@ -4,6 +4,7 @@ import json, re, shlex, shutil
 from pathlib import Path
 import numpy as np
 import pytest
+from tinygrad import Tensor
 import eval as ev
 import train
 from data import IGNORE
@@ -70,6 +71,17 @@ def test_mqar(mqar_run):
   res = ev.evaluate("mqar", [f"--ckpt={mqar_run}", "--limit=8", f"--batch={B}", "--mults=1", "--kvs=4,8"])
   assert [(r["seq_len"], r["kv"]) for r in res["rows"]] == [(128, 4), (128, 8)] and all(0.0 <= r["acc"] <= 1.0 for r in res["rows"])
 
+def test_sample(run, capsys):
+  # the text after the prompt, printed and in the JSON: greedy is the forward's argmax byte by byte, a seed repeats a sample
+  res = ev.evaluate("sample", [f"--ckpt={run}", "--prompt=def ", "--n=12", "--temperature=0"])
+  assert res["text"].startswith("def ") and res["text"] in capsys.readouterr().out
+  _, model = train.load_model(Path(run))
+  toks = np.frombuffer(res["text"].encode(), np.uint8)
+  if len(toks) == 16: assert (model(Tensor(toks[None].astype(np.int32))).numpy()[0, 3:-1].argmax(-1) == toks[4:]).all()
+  a, b = (ev.evaluate("sample", [f"--ckpt={run}", "--n=12", "--seed=1", "--out=/dev/null"])["text"] for _ in range(2))
+  assert a == b and a.startswith("\n")
+  assert ev.main(["sample", f"--ckpt={run}", "--n=0"]) == 2 and "--n=0" in capsys.readouterr().err
+
 def test_bad_input(run, capsys, tmp_path):
   assert ev.main(["ppl", "--limit=2"]) == 2 and "--ckpt" in capsys.readouterr().err
   assert ev.main(["bleu", f"--ckpt={run}"]) == 2 and "unknown command" in capsys.readouterr().err
@@ -82,7 +94,7 @@ def test_task_mismatch(run, mqar_run, capsys):
   # mqar scores a recall model, ppl and niah a language model: the other kind of run is refused, naming both tasks
   assert ev.main(["mqar", f"--ckpt={run}"]) == 2
   assert "mqar needs a run trained with --task=mqar" in (err := capsys.readouterr().err) and "--task=lm" in err and err.count("\n") == 1
-  for cmd in ("ppl", "niah"):
+  for cmd in ("ppl", "niah", "sample"):
     assert ev.main([cmd, f"--ckpt={mqar_run}"]) == 2
     assert f"{cmd} needs a run trained with --task=lm" in (err := capsys.readouterr().err) and "--task=mqar" in err
 

@@ -137,17 +137,19 @@ def test_grad_matches_oracle_fd(core, agg):
 
 # ***** 4. recurrent decoding equals the parallel forward *****
 
-def _decode(cfg:MCConfig, L:int, B:int=2, seed:int=0) -> tuple[np.ndarray, np.ndarray]:
-  # (logits of model.step token by token, logits of model(tokens)), both (B, L, vocab)
+def _decode(cfg:MCConfig, L:int, P:int, B:int=2, seed:int=0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  # logits (B, L, vocab) of model.step from the start, of model.prefill(tokens[:, :P]) then model.step, and of model(tokens)
   Tensor.manual_seed(seed)
   model = Model(cfg)
   toks = np.random.default_rng(seed).integers(0, cfg.vocab, (B, L)).astype(np.int32)
   ref = model(Tensor(toks)).numpy()
-  state, got = model.init_state(B), []
-  for t in range(L):
-    logits, state = model.step(Tensor(toks[:, t]), state)
-    got.append(logits.numpy())
-  return np.stack(got, 1), ref
+  state = model.init_state(B, max_len=L)
+  got = np.stack([model.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(L)], 1)
+  logits, state = model.prefill(toks[:, :P], max_len=L)
+  pre = np.concatenate([logits.numpy(), *[model.step(Tensor(toks[:, t]), state)[0].numpy()[:, None] for t in range(P, L)]], 1)
+  # one TinyJit served every token of both states: the position is a Variable, the state's shapes are fixed
+  assert len(model._jits) == 1
+  return got, pre, ref
 
 # (core, agg, ssc_mix, segmentation, state_init). CI: every core and every aggregation once, both segmentations and
 # initialisations (10-40 s each); slow: one more deep case; grid_full: every other valid combination.
@@ -164,16 +166,36 @@ DECODE_FULL = [(c, a, m, s, i) for c in CORES for a, m in (("none", "grm"), ("re
                                                        *[pytest.param(*c, marks=pytest.mark.grid_full) for c in DECODE_FULL]],
                          ids=[f"{c}-{a}{'-' + m if a == 'ssc' else ''}-{s}-{i[:4]}" for c, a, m, s, i in DECODE_CI + DECODE_SLOW + DECODE_FULL])
 def test_step_matches_forward(core, agg, ssc_mix, seg, init):
-  # L=100 over segments of 16: six cached segments and a partial one, so decoding crosses every cache update
+  # L=100 over segments of 16: six cached segments and a partial one, so decoding crosses every cache update; the prefill of 71
+  # tokens runs the parallel forward to 64 (four segments: a log carry of two levels) and steps the rest
   cfg = MCConfig(vocab=32, dim=16, n_layers=1, n_heads=2, core=core, agg=agg, ssc_mix=ssc_mix, segmentation=seg, state_init=init,
                  segment=16, chunk=8, kernels=False)
-  got, ref = _decode(cfg, 100)
-  assert rel(got, ref) < RTOL
+  got, pre, ref = _decode(cfg, 100, 71)
+  assert rel(got, ref) < RTOL and rel(pre, ref) < RTOL
 
 def test_step_matches_forward_attn():
-  # attention's cache grows by one every token, so every step builds new kernels (~1 s a token here): a short sequence
-  got, ref = _decode(MCConfig(vocab=32, dim=16, n_layers=1, n_heads=2, mixer="attn", agg="none"), 12)
-  assert rel(got, ref) < RTOL
+  # the key/value cache written at the position: the prefill fills it to 29, the steps go on
+  got, pre, ref = _decode(MCConfig(vocab=32, dim=16, n_layers=1, n_heads=2, mixer="attn", agg="none"), 40, 29)
+  assert rel(got, ref) < RTOL and rel(pre, ref) < RTOL
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("mixer", ("mc", "attn"))
+def test_generate_greedy_is_forward_argmax(mixer):
+  # greedy decoding after a prefill through the fused kernels: every new token is the argmax of the parallel forward at its place
+  cfg = MCConfig(vocab=32, dim=16, n_layers=2, n_heads=2, mixer=mixer, agg="grm" if mixer == "mc" else "none", segment=16, chunk=8)
+  Tensor.manual_seed(3)
+  model = Model(cfg)
+  prompt = np.random.default_rng(3).integers(0, cfg.vocab, (2, 37)).astype(np.int32)
+  out = model.generate(prompt, 20, temperature=0)
+  assert out.shape == (2, 57) and (out[:, :37] == prompt).all()
+  assert (out[:, 37:] == model(Tensor(out)).numpy()[:, 36:-1].argmax(-1)).all()
+
+def test_step_past_max_len():
+  model = Model(MCConfig(vocab=32, dim=16, n_layers=1, n_heads=2, segment=8, chunk=4, kernels=False))
+  state = model.init_state(1, max_len=3)
+  for _ in range(3): model.step(Tensor([1]), state)
+  with pytest.raises(ValueError, match=r"max_len=3\b"): model.step(Tensor([1]), state)
+  with pytest.raises(ValueError, match=r"max_len=4\b"): model.prefill(np.ones((1, 5), np.int32), max_len=4)
 
 # ***** 5. a tiny model learns a fixed batch *****
 
