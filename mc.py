@@ -167,7 +167,7 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   cb, gw = lambda x: x.contiguous().contiguous_backward(), lambda s, W: s.expand(*W.shape[:-1], 1).contiguous_backward() * W
   for c in range(Nc):
     kk, vv, kl = cb(kc[..., c, :, :]), cb(vc[..., c, :, :]), cb(K[..., c, -1, :].unsqueeze(-1))
-    r, z, d = deep_grads(core, kk, vv, W1, W2)
+    r, z, d = (cb(x) for x in deep_grads(core, kk, vv, W1, W2))
     for xs, x in zip((W1s, W2s, S1s, S2s, rs, zs, ds), (W1, W2, S1, S2, r, z, d)): xs.append(x.contiguous_backward())
     # sum_j K[T-1, j] g_j: every gradient of the chunk as it stands in the chunk's last weights
     g1, g2 = (r * kl).transpose(-1, -2) @ z, (d * kl).transpose(-1, -2) @ kk
