@@ -161,23 +161,22 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   W1, W2 = W1.expand(*bs, *W1.shape[-2:]), W2.expand(*bs, *W2.shape[-2:])
   S1, S2 = W1.zeros_like(), W2.zeros_like()
   W1s, W2s, S1s, S2s, rs, zs, ds, W1e, W2e = ([] for _ in range(9))
-  # cb: a per-chunk factor in a buffer of its own, and its gradient too (else tinygrad fuses each chunk's gradient into the
-  # scatter back to (Nc, T) and recomputes it for every token)
-  cb = lambda x: x.contiguous().contiguous_backward()
+  # cb: a per-chunk tensor in a buffer of its own, and its gradient too: no offsets in the chunk's kernels (every chunk runs the same
+  # ones) and no gradient recomputed for every token; gw: a chunk's gate times weights, its gradient reduced per row first (not 64 threads)
+  cb, gw = lambda x: x.contiguous().contiguous_backward(), lambda s, W: s.expand(*W.shape[:-1], 1).contiguous_backward() * W
   for c in range(Nc):
-    # this chunk's inputs in buffers of their own, so every chunk runs the same kernels (compiled once)
-    kk, vv, kl = kc[..., c, :, :].contiguous(), vc[..., c, :, :].contiguous(), cb(K[..., c, -1, :].unsqueeze(-1))
-    r, z, d = deep_grads(core, kk, vv, W1, W2)
-    W1s.append(W1); W2s.append(W2); S1s.append(S1); S2s.append(S2); rs.append(r); zs.append(z); ds.append(d)
+    kk, vv, kl = cb(kc[..., c, :, :]), cb(vc[..., c, :, :]), cb(K[..., c, -1, :].unsqueeze(-1))
+    r, z, d = (cb(x) for x in deep_grads(core, kk, vv, W1, W2))
+    for xs, x in zip((W1s, W2s, S1s, S2s, rs, zs, ds), (W1, W2, S1, S2, r, z, d)): xs.append(x.contiguous_backward())
     # sum_j K[T-1, j] g_j: every gradient of the chunk as it stands in the chunk's last weights
     g1, g2 = (r * kl).transpose(-1, -2) @ z, (d * kl).transpose(-1, -2) @ kk
     if core == "titans":
       a_end, b_end, m = cb(alpha[..., c, -1, None, None]), cb(beta[..., c, -1, None, None]), cb(mom[..., c, :].unsqueeze(-1))
       bp = cb(bprod[..., c, None, None])
-      W1, W2, S1, S2 = (a_end * W1 + b_end * S1 - g1, a_end * W2 + b_end * S2 - g2,
-                        bp * S1 - (r * m).transpose(-1, -2) @ z, bp * S2 - (d * m).transpose(-1, -2) @ kk)
+      W1, W2, S1, S2 = (gw(a_end, W1) + gw(b_end, S1) - g1, gw(a_end, W2) + gw(b_end, S2) - g2,
+                        gw(bp, S1) - (r * m).transpose(-1, -2) @ z, gw(bp, S2) - (d * m).transpose(-1, -2) @ kk)
     else: W1, W2 = W1 - g1, W2 - g2
-    W1e.append(W1); W2e.append(W2)
+    W1e.append(W1.contiguous_backward()); W2e.append(W2.contiguous_backward())
   st = lambda xs: Tensor.stack(*xs, dim=len(bs)).contiguous()   # materialise: fused into the reads, Nc-way selects compile slowly
   out = dict(k=kc, K=K, W1=st(W1s), W2=st(W2s), r=st(rs), z=st(zs), d=st(ds), W1e=st(W1e), W2e=st(W2e))
   if core == "titans": out.update(S1=st(S1s), S2=st(S2s), alpha=alpha, beta=beta, S1e=S1, S2e=S2)   # S*e: after the last chunk
