@@ -571,24 +571,24 @@ class Block:
     self.wqkv, self.wgate, self.wo = _init(dim, dim, 3 * dim), _init(dim, dim, dim), _init(dim, dim, dim, scale=out_scale)
     self.w1, self.w3, self.w2 = _init(dim, dim, hidden), _init(dim, dim, hidden), _init(hidden, hidden, dim, scale=out_scale)
     # last, after the block's own weights: seeded random weights depend on the order they are drawn in
-    self.mixer = MIXERS[cfg.mixer](cfg)
+    self.mixer, self.fused = MIXERS[cfg.mixer](cfg), cfg.kernels   # fused: projections through kernels.linear
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
     # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
     y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
-    return x + _lin(y * _lin(h, self.wgate, self.mixer.cfg.kernels).silu(), self.wo, self.mixer.cfg.kernels)
+    return x + _lin(y * _lin(h, self.wgate, self.fused).silu(), self.wo, self.fused)
 
   def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:
     # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is); st: a decode
     # state to fill (prefill), or with the position pos, to step one token x (B,1,dim) through
     h = _rms(x, self.norm1)
-    qkv = _lin(h, self.wqkv, self.mixer.cfg.kernels)                                      # q, k, v = x W (Eq. 4)
+    qkv = _lin(h, self.wqkv, self.fused)                                      # q, k, v = x W (Eq. 4)
     return self._out(x, h, self.mixer(h, qkv, st) if pos is None else self.mixer.step(h, qkv, st, pos))
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
     h = _rms(x, self.norm2)
-    return x + _lin(_lin(h, self.w1, self.mixer.cfg.kernels).silu() * _lin(h, self.w3, self.mixer.cfg.kernels), self.w2, self.mixer.cfg.kernels)
+    return x + _lin(_lin(h, self.w1, self.fused).silu() * _lin(h, self.w3, self.fused), self.w2, self.fused)
 
   def __call__(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor: return self.mlp(self.mix(x, st, pos))
   # the parameters mix uses: all but the MLP's
