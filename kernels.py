@@ -2,9 +2,8 @@
 tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so one source runs on CUDA, Metal, OpenCL and CPU.
 
 Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref, a plain x @ w for
-linear); cfg.kernels switches
-the model between the two. `python bench.py check` validates every kernel against its reference on fresh random inputs and
-prints a table; `python bench.py kernels` times them on the default device.
+linear); cfg.kernels switches the model between the two. `python bench.py check` validates every kernel against its reference
+on fresh random inputs and prints a table; `python bench.py kernels` times them on the default device.
 
 One rule when using them: take gradients before realizing the forward. In tinygrad 0.14 realizing a custom kernel's output
 (loss.item(), print(loss.numpy())) replaces its graph with the buffer, and a later .backward() finds no path through the
@@ -608,24 +607,21 @@ def _slices(K:int) -> int:
   while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512: S *= 2
   return S
 
-def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, dtype=None) -> Tensor:
-  # (M, N) = A @ B with A (M, K) or, a_t, (K, M); B (K, N) or, b_t, (N, K)
+def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> Tensor:
+  # (M, N) = A @ B in A's dtype with A (M, K) or, a_t, (K, M); B (K, N) or, b_t, (N, K)
   (K, M), N = (A.shape if a_t else A.shape[::-1]), (B.shape[0] if b_t else B.shape[1])
   S = _slices(K) if a_t else 1
-  C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else (dtype or A.dtype), device=A.device)
-  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, A.dtype in (dtypes.half, dtypes.bfloat16)))[0]
-  return C[0] if S == 1 else C.sum(0).cast(dtype or A.dtype)
+  C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
+  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, A.dtype in (dtypes.half, dtypes.bfloat16)),
+                      grad_fxn=grad_fxn)[0]
+  return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 
 def linear_splits(x:Tensor) -> bool: return _slices(math.prod(x.shape[:-1])) > 1   # the split is what linear adds over x @ w
 
 def linear(x:Tensor, w:Tensor) -> Tensor:
   """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""
-  *lead, K = x.shape
-  x2, wc = x.reshape(-1, K).contiguous(), w.cast(x.dtype).contiguous()
   def bwd(gy:UOp, call:UOp) -> tuple:
     _, x2, wc = (Tensor(u) for u in call.src[1:])
     gy = Tensor(gy)[0].contiguous()
     return (None, _gemm(gy, wc, b_t=True).uop, _gemm(x2, gy, a_t=True).uop)
-  y = Tensor.empty(1, x2.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-  y = y.custom_kernel(x2, wc, fxn=_gemm_fxn(1, False, False, x.dtype in (dtypes.half, dtypes.bfloat16)), grad_fxn=bwd)[0]
-  return y[0].reshape(*lead, w.shape[1])
+  return _gemm(x.reshape(-1, x.shape[-1]), w.cast(x.dtype), grad_fxn=bwd).reshape(*x.shape[:-1], w.shape[1])
