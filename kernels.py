@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from tinygrad import Tensor, UOp, Device, dtypes
 from tinygrad.uop.ops import KernelInfo, AxisType, Ops
+from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import AddrSpace
 
 def applies(x:Tensor) -> bool:
@@ -31,6 +32,14 @@ def supported(dt:str) -> bool:
   try: return (Tensor([1.5, 2.5]).cast(dt).contiguous().realize() * 2).float().tolist() == [3.0, 5.0]
   except Exception: return False
   finally: os.dup2(err, 2); os.close(err); os.close(null)  # noqa: E702
+
+_CONSTS: dict = {}
+def const(x:np.ndarray, device) -> Tensor:
+  """A static table (entry indices, masks, pooling weights) as a realized device buffer, made once per content and device: a Tensor
+  made from a numpy array inside a jitted step is copied from the host at every replay of the step."""
+  key = (x.tobytes(), x.shape, x.dtype.str, device)
+  if key not in _CONSTS: _CONSTS[key] = Tensor(np.ascontiguousarray(x), device=device).realize()
+  return _CONSTS[key]
 
 # **** chunk_scan ****
 # The chunkwise-parallel scan of the linear cores la and swla (Eqs. 12, 28-29), forward and backward, as UOp kernels.
@@ -434,13 +443,13 @@ def _ssc_dm(gy:Tensor, q:Tensor, w:Tensor, idx:Tensor, N:int, C:int) -> Tensor:
   # counts of pairs per (segment, entry) give every pair its place; a pair of weight 0 (no entry to select) takes none
   B, H, L, K = w.shape
   ns, dev, i32 = -(-L // C), w.device, dtypes.int32
-  hit = (idx.unsqueeze(-1) == Tensor(np.arange(N, dtype=np.int32), device=dev)) & (w != 0).unsqueeze(-1)           # (B,H,L,K,N)
+  hit = (idx.unsqueeze(-1) == const(np.arange(N, dtype=np.int32), dev)) & (w != 0).unsqueeze(-1)           # (B,H,L,K,N)
   per_seg = hit.pad((None, None, (0, ns * C - L), None, None)).reshape(B, H, ns, C * K, N).cast(i32).sum(3)        # (B,H,ns,N)
   cnt = per_seg.sum(2)
   nch = (cnt + _P - 1) // _P
   first = nch.cumsum(-1) - nch
   NC = -(-L * K // _P) + N
-  c = Tensor(np.arange(NC, dtype=np.int32), device=dev).reshape(1, 1, NC, 1)
+  c = const(np.arange(NC, dtype=np.int32), dev).reshape(1, 1, NC, 1)
   filled = ((cnt.unsqueeze(2) - (c - first.unsqueeze(2)) * _P).clip(0, _P) * (c >= first.unsqueeze(2))).sum(-1)  # (B,H,NC)
   segoff = per_seg.cumsum(2) - per_seg
   pos = Tensor.empty(B, H, L, K, dtype=i32, device=dev).custom_kernel(*_c(idx, w, segoff, first * _P), fxn=_rank_fxn(L, C))[0]
@@ -512,7 +521,7 @@ def _read(q:Tensor, o:Tensor, M:Tensor, w:Tensor, w_on:Tensor, ent:Tensor, C:int
   # a static table's dM covers the entries it names (a prefix for const); the rest of M gets zeros
   n_ent = M.shape[2] if slots is None else int(slots[0][slots[1]].max(initial=0)) + 1
   inv, parts = (None, 0) if slots is None else _inverse(*slots, n_ent)
-  if inv is not None: inv = Tensor(inv, device=dev)
+  if inv is not None: inv = const(inv, dev)
   g = _grid(dev)
   def bwd(gy:UOp, call:UOp) -> tuple:
     # the forward kernel read M^T (MT): its gradient goes to MT, and autograd carries it through the transpose
@@ -551,54 +560,78 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
   if agg in ("residual", "mean"):
     # every token of a segment reads the same sum with the same weight: one state per segment, sum_i M_i (Eqs. 6-7)
     n = reads.sum(1, keepdims=True)
-    Ms = (Tensor(reads.astype(np.float32), device=dev) @ M.flatten(-2)).reshape(B, H, -1, D, D)
+    Ms = (const(reads.astype(np.float32), dev) @ M.flatten(-2)).reshape(B, H, -1, D, D)
     c = _per_token(1 / (1 + n) if agg == "mean" else np.ones_like(n, np.float32), C, L).astype(np.float32)   # (L, 1)
-    w = Tensor(c, device=dev).reshape(1, 1, L, 1).expand(B, H, L, 1)
+    w = const(c, dev).reshape(1, 1, L, 1).expand(B, H, L, 1)
     seg = np.arange(reads.shape[0], dtype=np.int32).reshape(-1, 1)
-    return _read(q, o, Ms, w, w[..., 0], Tensor(seg, device=dev), C, False, (seg, np.ones_like(seg, bool)))
+    return _read(q, o, Ms, w, w[..., 0], const(seg, dev), C, False, (seg, np.ones_like(seg, bool)))
   tbl, ok = _slots(reads)
   if agg == "grm" or topk >= tbl.shape[1]:
     # grm, or ssc with every readable entry selected: the softmax over the static slots (Eqs. 9-10)
     if tbl.shape[1] != z.shape[-1] or not (tbl == np.arange(tbl.shape[1]))[ok].all():
-      ent = Tensor(np.arange(z.shape[-1], dtype=np.int32), device=dev)
-      zs = (Tensor(_per_token(tbl, C, L), device=dev).unsqueeze(-1) == ent).where(z.unsqueeze(-2), 0.0).sum(-1)   # z at each slot
-      w_on, w = _softmax(z_on, Tensor(_per_token(ok, C, L), device=dev).where(zs, -math.inf))
-      return _read(q, o, M, w, w_on, Tensor(tbl, device=dev), C, True, (tbl, ok))
+      ent = const(np.arange(z.shape[-1], dtype=np.int32), dev)
+      zs = (const(_per_token(tbl, C, L), dev).unsqueeze(-1) == ent).where(z.unsqueeze(-2), 0.0).sum(-1)   # z at each slot
+      w_on, w = _softmax(z_on, const(_per_token(ok, C, L), dev).where(zs, -math.inf))
+      return _read(q, o, M, w, w_on, const(tbl, dev), C, True, (tbl, ok))
     # const (slot r is entry r): segment s reads entries 0..s-1, so groups of segments each run on the entries their last segment
     # reads, about half the (token, entry) square that one launch over every entry computes; autograd joins the groups
     ys = []
     for s0, s1 in _groups(len(tbl)):
       a, b, K = s0 * C, min(s1 * C, L), max(1, int(ok[s0:s1].sum(1).max()))
       g = (tbl[s0:s1, :K], ok[s0:s1, :K])
-      w_on, w = _softmax(z_on[:, :, a:b], Tensor(_per_token(g[1], C, b - a), device=dev).where(z[:, :, a:b, :K], -math.inf))
-      ys.append(_read(q[:, :, a:b], o[:, :, a:b], M, w, w_on, Tensor(g[0], device=dev), C, True, g))
+      w_on, w = _softmax(z_on[:, :, a:b], const(_per_token(g[1], C, b - a), dev).where(z[:, :, a:b, :K], -math.inf))
+      ys.append(_read(q[:, :, a:b], o[:, :, a:b], M, w, w_on, const(g[0], dev), C, True, g))
     return ys[0].cat(*ys[1:], dim=2)
   # ssc (Eqs. 16-17): the top-k selection in a kernel; the backward sends a selected logit's gradient back to its entry
   def bwd_select(gzs:UOp, call:UOp) -> tuple:
     idx = Tensor(call.src[1].after(call))
-    gz = (idx.unsqueeze(-1) == Tensor(np.arange(z.shape[-1], dtype=np.int32), device=dev)).where(Tensor(gzs).unsqueeze(-1), 0.0).sum(-2)
+    gz = (idx.unsqueeze(-1) == const(np.arange(z.shape[-1], dtype=np.int32), dev)).where(Tensor(gzs).unsqueeze(-1), 0.0).sum(-2)
     return (None, None, gz.transpose(-1, -2).uop, None)   # the kernel read z transposed
   idx, zs = Tensor.empty(B, H, L, topk, dtype=dtypes.int32, device=dev), Tensor.empty(B, H, L, topk, device=dev)
-  rd = Tensor(reads.astype(np.int32), device=dev)
+  rd = const(reads.astype(np.int32), dev)
   idx, zs = idx.custom_kernel(zs, *_c(z.transpose(-1, -2), rd), fxn=_select_fxn(L, C, topk), grad_fxn=bwd_select)[:2]
   w_on, w = _softmax(z_on, zs)
   return _read(q, o, M, w, w_on, idx, C, True)
 
 # **** linear ****
-# y = x W for the model's projections, and its gradients dx = dy W^T and dW = x^T dy. The forward and dx are plain products that
-# tinygrad's own schedule tiles well; dW reduces over every token of the batch (B*L of them), where one thread per output walking
-# all of them leaves most of the chip idle: it runs as S products over slices of the tokens (split-K), summed after.
+# y = x W for the model's projections, and its gradients dx = dy W^T and dW = x^T dy. dW reduces over every token of the batch (B*L
+# of them), where one thread per output walking all of them leaves most of the chip idle: it runs as S products over slices of the
+# tokens (split-K), summed after. Half inputs on CUDA take tensor-core tiles; a few rows (decoding) take one thread per output column.
+_TC = (8, 16, 16)   # CUDA's m16n8k16 tile (tinygrad's dims: N, M, K), for half and bfloat16 inputs with float32 accumulators
+
+def _tc_opts(S:int, M:int, N:int, K:int) -> tuple|None:
+  # tensor-core tiles bigger than tinygrad's default for large products: per warp 4 x 12-16 tiles of 16 x 16, two warps per block
+  # (on the H100 at the model's shapes, 1.3-1.8x over the default where the whole tile fits, worse where it does not: those keep
+  # the default). S > 1: the split products (dW), whose slice axis comes first
+  o, pick = int(S > 1), lambda x, c: next((u for u in c if x % u == 0), 1)
+  if M % 16 or N % 16 or K < 256: return None
+  n1 = pick(N // 16, (4,))
+  n2 = pick(N // 16 // n1, (3, 4))
+  m1 = pick(M // 16, (4, 2))
+  if n1 * n2 < 12 or M * N < (1 << 19 if S > 1 else 6 << 20): return None
+  ops = [Opt(OptOps.TC, 0, (-1, 2, 1)), Opt(OptOps.UPCAST, 1 + o, n1), Opt(OptOps.UPCAST, o, m1), Opt(OptOps.UPCAST, 1 + o, n2)]
+  if M // 16 // m1 % 2 == 0: ops.append(Opt(OptOps.LOCAL, o, 2))
+  return tuple(ops + [Opt(OptOps.LOCAL, 0, 2)] * (S > 1 and S % 2 == 0))
+
+def _rows_opts(M:int, N:int, K:int) -> tuple:
+  # a few rows (a decode step's batch): a thread per output column holding every row, lanes along the columns (w loads coalesced)
+  lanes = next(u for u in (64, 32, 16, 8, 4, 2, 1) if N % u == 0)
+  return tuple([Opt(OptOps.UPCAST, 0, M)] * (M > 1) + [Opt(OptOps.LOCAL, 1, lanes)] * (lanes > 1) + [Opt(OptOps.UNROLL, 0, 4)] * (K % 4 == 0))
+
 @functools.cache
-def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool):
+def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool, tiles:str):
   # C[s, m, n] = sum over the s-th of S slices of k of A[m, k] B[k, n], accumulated in float32; A stored (K, M) when a_t, B stored
-  # (N, K) when b_t. Half inputs multiply in their dtype and accumulate in float32, the form tinygrad maps to tensor cores
+  # (N, K) when b_t. Half inputs multiply in their dtype and accumulate in float32, the form tinygrad maps to tensor cores.
+  # tiles: "tc" tensor-core tiles where _tc_opts has some, "rows" _rows_opts, "" tinygrad's own choice
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
     _, M, N = C.shape
     Ks = (A.shape[0] if a_t else A.shape[1]) // S
     s, m, n, k = UOp.range(S, 0), UOp.range(M, 1), UOp.range(N, 2), UOp.range(Ks, 3, AxisType.REDUCE)
     a, b = (A[s * Ks + k, m] if a_t else A[m, s * Ks + k]), (B[n, s * Ks + k] if b_t else B[s * Ks + k, n])
     prod = (a * b).cast(dtypes.float) if half else a.cast(dtypes.float) * b.cast(dtypes.float)
-    return C[s, m, n].store(prod.reduce(k, arg=Ops.ADD).cast(C.dtype)).end(s, m, n).sink(arg=KernelInfo(name=f"gemm{'_tn' * a_t}{'_nt' * b_t}"))
+    opts = _tc_opts(S, M, N, Ks) if tiles == "tc" else _rows_opts(M, N, Ks) if tiles == "rows" else None
+    st = C[s, m, n].store(prod.reduce(k, arg=Ops.ADD).cast(C.dtype)).end(s, m, n)
+    return st.sink(arg=KernelInfo(name=f"gemm{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=opts))
   return fxn
 
 def _slices(K:int) -> int:
@@ -607,16 +640,26 @@ def _slices(K:int) -> int:
   while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512: S *= 2
   return S
 
+ROWS = 32   # up to this many rows a product is a decode step's: _rows_opts where the device has locals
+
+def _tiles(A:Tensor, M:int) -> str:
+  ren = Device[A.device].renderer
+  if M <= ROWS: return "rows" if ren.has_local else ""
+  return "tc" if any(tc.dims == _TC and tc.dtype_in == A.dtype for tc in ren.tensor_cores) else ""
+
 def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> Tensor:
   # (M, N) = A @ B in A's dtype with A (M, K) or, a_t, (K, M); B (K, N) or, b_t, (N, K)
   (K, M), N = (A.shape if a_t else A.shape[::-1]), (B.shape[0] if b_t else B.shape[1])
   S = _slices(K) if a_t else 1
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
-  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, A.dtype in (dtypes.half, dtypes.bfloat16)),
-                      grad_fxn=grad_fxn)[0]
+  half = A.dtype in (dtypes.half, dtypes.bfloat16)
+  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=_gemm_fxn(S, a_t, b_t, half, _tiles(A, M)), grad_fxn=grad_fxn)[0]
   return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 
-def linear_splits(x:Tensor) -> bool: return _slices(math.prod(x.shape[:-1])) > 1   # the split is what linear adds over x @ w
+def linear_applies(x:Tensor) -> bool:
+  # what linear adds over x @ w: the split of dW over many tokens, or a decode step's few rows on a device with locals
+  rows = math.prod(x.shape[:-1])
+  return _slices(rows) > 1 or (rows <= ROWS and Device[x.device if isinstance(x.device, str) else x.device[0]].renderer.has_local)
 
 def linear(x:Tensor, w:Tensor) -> Tensor:
   """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""

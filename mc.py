@@ -21,7 +21,7 @@ import functools, math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 import numpy as np
-from tinygrad import Tensor, TinyJit, Variable, dtypes
+from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
 from tinygrad.nn.state import get_state_dict
 import kernels
 
@@ -211,7 +211,7 @@ def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   ns = max(b for _, b in blocks)
   ksum = k[:, :, :ns * C].reshape(*k.shape[:2], ns, C, k.shape[-1]).sum(-2)
   sel = np.array([[1 / ((b - a) * C) if a <= s < b else 0 for s in range(ns)] for a, b in blocks], dtype=np.float32)
-  return Tensor(sel, device=k.device) @ ksum
+  return kernels.const(sel, k.device) @ ksum
 
 def online_pool(k:Tensor, C:int) -> Tensor:
   # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D)
@@ -223,7 +223,7 @@ def online_pool(k:Tensor, C:int) -> Tensor:
   return cs.reshape(B, H, ns * C, D)[:, :, :L]
 
 # the entries each token reads (L,N): from reads (n_seg,N), or a decode step's (1,N) Tensor of the live entries
-def _mask(reads, C:int, L:int, dev) -> Tensor: return reads if isinstance(reads, Tensor) else Tensor(np.repeat(reads, C, axis=0)[:L], device=dev)
+def _mask(reads, C:int, L:int, dev) -> Tensor: return reads if isinstance(reads, Tensor) else kernels.const(np.repeat(reads, C, axis=0)[:L], dev)
 
 # ***** aggregation: what a token reads from its online memory and the cache *****
 
@@ -276,7 +276,7 @@ def read_cache(cfg:MCConfig, q:Tensor, o:Tensor, u:Tensor, cache:dict, p_on:Tens
   read1) of the online W_t."""
   agg, D = AGG[cfg.agg], q.shape[-1]
   if agg.weights is None: return o
-  z, z_on = (u @ cache["p"].transpose(-1, -2)) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
+  z, z_on = _by_groups(u, cache["p"]) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
   if "M" in cache: return (kernels.cache_read if fused else cache_read_ref)(q, o, cache["M"], z, z_on, reads, C, agg.linear, cfg.topk)
   g_on, g = agg.weights(z, z_on, _mask(reads, C, q.shape[2], q.device), cfg.topk)
   W1, W2, g_on, g = cache["W1"], cache["W2"], g_on.unsqueeze(-1), g.permute(0, 1, 3, 2).unsqueeze(-1)   # W (B,H,N,...), g (B,H,N,L,1)
@@ -350,7 +350,7 @@ def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig,
   blocks, reads = cache_plan(-(-L // C) + (state is not None), cfg.segmentation)
   o, cache, online = SCANS[cfg.core](q, k, v, gates, init, blocks, cfg, fused)
   if not blocks: return o.cast(dt)                                           # no segment is complete: nothing is cached yet
-  cache["p"] = pooled(k, blocks, C)
+  cache["p"] = pooled(k, blocks, C).contiguous()                           # read by every token: made once
   if state is not None: _fill(state, cfg, blocks, reads[-1], cache, k, v, gates, init, L)
   return read_cache(cfg, q, o, u, cache, online_pool(k, C), reads[:-(-L // C)], C, fused, online).cast(dt)
 
@@ -362,7 +362,8 @@ def _fresh(cfg:MCConfig, B:int, H:int, D:int, init:dict|None) -> dict:
   W = {x: init[x].float().expand(B, *init[x].shape) for x in ("W1", "W2")}
   return {**W, "S1": W["W1"].zeros_like(), "S2": W["W2"].zeros_like()}
 
-def _levels(N:int) -> Tensor: return Tensor(2 ** (N - 1 - np.arange(N, dtype=np.int32)))   # 2^j of log slot N-1-j, the largest first
+# 2^j of log slot N-1-j, the largest first
+def _levels(N:int) -> Tensor: return kernels.const(2 ** (N - 1 - np.arange(N, dtype=np.int32)), Device.DEFAULT)
 
 def mem_init(cfg:MCConfig, B:int, H:int, D:int, init:dict|None, max_len:int) -> dict:
   """A decode state of fixed shape, realized: the online memory ("M", the previous token's "pk", "pv"; or "W1", "W2", titans' momentum
@@ -465,12 +466,33 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
 
 # ***** the token mixers, the block and the model *****
 
+# A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
+# GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over groups).
+def _groups(T:int) -> int:
+  # groups of at least 256 rows: the largest power of two that divides T and leaves that many
+  G = 1
+  while T % (2 * G) == 0 and T // (2 * G) >= 256: G *= 2
+  return G
+
+def _scale(x:Tensor, w:Tensor, add:bool=False) -> Tensor:
+  # x (..., n) times (or plus) w (n,)
+  T, n = math.prod(x.shape[:-1]), x.shape[-1]
+  wg = w.reshape(1, 1, n).expand(G := _groups(T), 1, n).contiguous_backward()
+  xg = x.reshape(G, T // G, n)
+  return (xg + wg if add else xg * wg).reshape(x.shape)
+
+def _by_groups(u:Tensor, p:Tensor) -> Tensor:
+  # u (B,H,L,D) @ p (B,H,N,D)^T (B,H,L,N), p's gradient summed over groups of tokens first
+  B, H, L, D = u.shape
+  pg = p.unsqueeze(2).expand(B, H, G := _groups(L), *p.shape[2:]).contiguous_backward()
+  return (u.reshape(B, H, G, L // G, D) @ pg.transpose(-1, -2)).reshape(B, H, L, p.shape[2])
+
 # a projection in the activation dtype: kernels.linear where its weight gradient splits over the tokens, else x @ w, its gradient buffered
 def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
-  return kernels.linear(x, w) if fused and kernels.linear_splits(x) else (x @ w.cast(x.dtype)).contiguous_backward()
+  return kernels.linear(x, w) if fused and kernels.linear_applies(x) else (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-(b := scale / math.sqrt(fan_in)), high=b)
 def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor:
-  return (x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() * w).cast(x.dtype)
+  return _scale(x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt(), w).cast(x.dtype)
 def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
@@ -498,7 +520,7 @@ class Memory:
     q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
     u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
     if not self.gate_names: return q, k, v, u, {}
-    g = (_lin(h, self.wg, self.cfg.kernels).float() + self.bg).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
+    g = _scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
     return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
 
   def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
@@ -507,9 +529,9 @@ class Memory:
     if st is not None and w: st["conv"].assign(qkv.pad((None, (st["conv"].shape[1], 0), None))[:, L:].float())
     if w:
       # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
-      xp = qkv.pad((None, (w - 1, 0), None))
-      wb = self.conv.cast(qkv.dtype).unsqueeze(0).expand(qkv.shape[0], *self.conv.shape).contiguous_backward()   # grad per row first
-      qkv = sum(xp[:, i:i + L] * wb[:, i:i + 1] for i in range(w))
+      xp, (B, G, C) = qkv.pad((None, (w - 1, 0), None)), (qkv.shape[0], _groups(L), qkv.shape[2])
+      wb = self.conv.cast(qkv.dtype).reshape(1, 1, w, C).expand(B, G, w, C).contiguous_backward()   # gradient per group of tokens first
+      qkv = sum(xp[:, i:i + L].reshape(B, G, L // G, C) * wb[:, :, i:i + 1] for i in range(w)).reshape(B, L, C)
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
   def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)
@@ -525,10 +547,10 @@ class Memory:
     for x in [x for x, val in new.items() if val is not st[x]]: st[x].assign(new[x])
     return y.unsqueeze(2).cast(h.dtype)
 
-def rope_table(L:int, D:int, theta:float) -> tuple[Tensor, Tensor]:
-  # cos and sin (L, D/2) of the rotary angles of positions 0..L-1, computed in float64
+def rope_table(L:int, D:int, theta:float, device:str|None=None) -> tuple[Tensor, Tensor]:
+  # cos and sin (L, D/2) of the rotary angles of positions 0..L-1, computed in float64 (device buffers made once)
   ang = np.arange(L, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D // 2, dtype=np.float64) * 2 / D)[None]
-  return Tensor(np.cos(ang).astype(np.float32)), Tensor(np.sin(ang).astype(np.float32))
+  return tuple(kernels.const(f(ang).astype(np.float32), device or Device.DEFAULT) for f in (np.cos, np.sin))
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # rotary position embedding on (B,H,L,D), rotating the two halves of D by the angles of cos, sin (L, D/2)
@@ -543,14 +565,16 @@ class Attention:
   def init_state(self, B:int, max_len:int) -> dict:
     H, D = self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
     kv = [Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for _ in range(2)]
-    return dict(zip(("k", "v", "cos", "sin"), (x.contiguous().realize() for x in (*kv, *rope_table(max_len, D, self.cfg.rope_theta)))))
+    # buffers of its own (the rope tables are shared constants: a jitted step takes each buffer once)
+    return dict(zip(("k", "v", "cos", "sin"), (x.clone().realize() for x in (*kv, *rope_table(max_len, D, self.cfg.rope_theta)))))
 
   def _qkv(self, qkv:Tensor, cos:Tensor, sin:Tensor) -> list[Tensor]:
     q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
-    return [rope(q, cos, sin), rope(k, cos, sin), v]
+    # q and k materialized after the rotation (their gradients too): the score products then run alone, on tensor cores where they can
+    return [rope(q, cos, sin).contiguous().contiguous_backward(), rope(k, cos, sin).contiguous().contiguous_backward(), v]
 
   def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
-    q, k, v = self._qkv(qkv, *rope_table(qkv.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta))
+    q, k, v = self._qkv(qkv, *rope_table(qkv.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, qkv.device))
     if st is not None:
       for x, val in (("k", k), ("v", v)): st[x].assign(val.pad((None, None, (0, st[x].shape[2] - val.shape[2]), None)))
     return q.scaled_dot_product_attention(k, v, is_causal=True)
