@@ -472,8 +472,10 @@ TRAIN_SHAPES_CPU = {"default": dict(dim=32, n_layers=2, n_heads=2, B=2, L=64, se
 TORCH_ROWS = ("torch-eager", "torch-compile")
 TRAIN_ROWS = {"swla+grm": dict(core="swla", agg="grm"), "la+none": dict(core="la", agg="none"), "swla+none": dict(core="swla", agg="none"),
               "attn": dict(mixer="attn", agg="none"), "swla+ssc": dict(core="swla", agg="ssc"),
-              "swla+grm-log": dict(core="swla", agg="grm", segmentation="log")}
+              "swla+grm-log": dict(core="swla", agg="grm", segmentation="log"), "dla+grm": dict(core="dla", agg="grm"),
+              "titans+grm": dict(core="titans", agg="grm")}
 LONG_ROWS = ("swla+ssc", "swla+grm-log")   # among the default rows of the long shape only
+DEEP_ROWS = ("dla+grm", "titans+grm")      # only when named (--configs): each compiles for minutes
 
 def _torch_lm(torch, dim:int, n_layers:int, n_heads:int, L:int, vocab:int=256, theta:float=10000.0):
   # tinymc's blocks (mc.Block with mixer="attn", less its per-head RMSNorm, and mc.Model) as a PyTorch user would write them;
@@ -567,11 +569,12 @@ def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int) -> tuple[float, float]:
   Tensor.realize(*get_state_dict(lm).values(), *train.optim_state(opt).values())
   rng = np.random.default_rng(0)
   x, y = (Tensor(rng.integers(0, cfg.vocab, (B, L), dtype=np.int32)).realize() for _ in range(2))
+  lr = Tensor([tc.lr], dtype=dtypes.float32).realize()
   st = time.perf_counter()
-  step(x, y)
+  step(x, y, lr, train.slot(0))
   Device[Device.DEFAULT].synchronize()
   first = time.perf_counter() - st
-  return time_ms(step, x, y, reps=reps, warm=3), first
+  return time_ms(step, x, y, lr, train.slot(0), reps=reps, warm=3), first
 
 def _tinymc_row(cfg:MCConfig, sh:dict, reps:int) -> dict:
   # one tinymc row; out of memory or a failed compile leaves it empty and the run goes on
@@ -598,7 +601,8 @@ def train_step(bc:BenchConfig, overrides:dict) -> dict:
   for s in bc.shapes:
     for dt in bc.dtypes:
       if not supported(dt): print(f"train {s} {dt}: skipped, {dt} is not supported on {Device.DEFAULT} here")
-      else: groups.append((s, dt, list(bc.configs) or [*TORCH_ROWS, *(n for n in TRAIN_ROWS if n not in LONG_ROWS or s == "long")]))
+      else: groups.append((s, dt, list(bc.configs) or [*TORCH_ROWS, *(n for n in TRAIN_ROWS if n not in DEEP_ROWS + LONG_ROWS or
+                                                                      n in LONG_ROWS and s == "long")]))
   # PyTorch first, every row of the call in one process (importing it takes a while), gone before tinygrad's rows start
   jobs, peer, info = [(s, shapes[s], dt, n) for s, dt, names in groups for n in names if n in TORCH_ROWS], {}, {}
   if jobs:

@@ -614,9 +614,11 @@ def _tc_opts(S:int, M:int, N:int, K:int) -> tuple|None:
   return tuple(ops + [Opt(OptOps.LOCAL, 0, 2)] * (S > 1 and S % 2 == 0))
 
 def _rows_opts(M:int, N:int, K:int) -> tuple:
-  # a few rows (a decode step's batch): a thread per output column holding every row, lanes along the columns (w loads coalesced)
-  lanes = next(u for u in (64, 32, 16, 8, 4, 2, 1) if N % u == 0)
-  return tuple([Opt(OptOps.UPCAST, 0, M)] * (M > 1) + [Opt(OptOps.LOCAL, 1, lanes)] * (lanes > 1) + [Opt(OptOps.UNROLL, 0, 4)] * (K % 4 == 0))
+  # a few rows (a decode step's batch): a thread per (output column, slice of k) holding every row, 16 lanes along the columns (w
+  # loads coalesced) and 16 slices of k summed in shared memory, so that a 256 x 768 product has 48 blocks of 256 threads
+  lanes, group = next(u for u in (16, 8, 4, 2, 1) if N % u == 0), next(u for u in (16, 8, 4, 2, 1) if K % u == 0)
+  # (all M rows upcast: the row axis goes, and the columns become axis 0)
+  return tuple([Opt(OptOps.UPCAST, 0, M)] * (M > 1) + [Opt(OptOps.LOCAL, 0, lanes)] * (lanes > 1) + [Opt(OptOps.GROUP, 0, group)] * (group > 1))
 
 @functools.cache
 def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool, tiles:str):
@@ -626,11 +628,11 @@ def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool, tiles:str):
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
     _, M, N = C.shape
     Ks = (A.shape[0] if a_t else A.shape[1]) // S
-    s, m, n, k = UOp.range(S, 0), UOp.range(M, 1), UOp.range(N, 2), UOp.range(Ks, 3, AxisType.REDUCE)
+    s, m, n, k = UOp.range(S, 0), UOp.range(M, 1), UOp.range(N, 2), _red(Ks, 3)
     a, b = (A[s * Ks + k, m] if a_t else A[m, s * Ks + k]), (B[n, s * Ks + k] if b_t else B[s * Ks + k, n])
     prod = (a * b).cast(dtypes.float) if half else a.cast(dtypes.float) * b.cast(dtypes.float)
     opts = _tc_opts(S, M, N, Ks) if tiles == "tc" else _rows_opts(M, N, Ks) if tiles == "rows" else None
-    st = C[s, m, n].store(prod.reduce(k, arg=Ops.ADD).cast(C.dtype)).end(s, m, n)
+    st = C[s, m, n].store(_reduce(prod, k).cast(C.dtype)).end(s, m, n)
     return st.sink(arg=KernelInfo(name=f"gemm{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=opts))
   return fxn
 
@@ -640,7 +642,7 @@ def _slices(K:int) -> int:
   while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512: S *= 2
   return S
 
-ROWS = 32   # up to this many rows a product is a decode step's: _rows_opts where the device has locals
+ROWS = 16   # up to this many rows a product is a decode step's: _rows_opts where the device has locals
 
 def _tiles(A:Tensor, M:int) -> str:
   ren = Device[A.device].renderer

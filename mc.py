@@ -50,7 +50,7 @@ class MCConfig:
   conv: int = 4                   # causal depthwise conv width on q, k, v (0 = off)
   mlp_mult: float = 8 / 3         # SwiGLU hidden width = mlp_mult * dim, rounded up to a multiple of 32
   rope_theta: float = 10000.0     # attn mixer only
-  dtype: str = "float32"          # activation dtype; memory states, gates and accumulators stay float32
+  dtype: str = "float32"          # activation dtype; states, gates, accumulators stay float32 (train.py: bfloat16 on a GPU)
   kernels: bool = True            # use the fused kernels of kernels.py where they apply (same results)
 
   def __post_init__(self):

@@ -8,12 +8,13 @@ tinymc training: a memory-caching language model on bytes (or an MQAR recall mod
   python train.py --resume=runs/default        # continue a run exactly where its last checkpoint left it
   DEV=CUDA BEAM=2 python train.py --preset=gpu # tinygrad's own knobs (DEV, BEAM, DEBUG, JIT, NOOPT) are read as usual
 
-One @TinyJit step does the forward, cross-entropy, backward, global-norm gradient clipping and the AdamW update; the lr is a
-Tensor written before each step, so the jitted step follows the schedule. A run lives in <out>/<name>/: log.txt (the resolved
-config, versions and device, then one line per step), config.json, and ckpt/ with model.safetensors, optim.safetensors and
-state.json (step, data generator state, validation history). A checkpoint is written to ckpt.tmp/ and renamed into place, the
-old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/ (or, between the two renames, in
-ckpt.old/, which loading falls back to).
+A new run trains in bfloat16 on a GPU that supports it (states, gates and accumulators stay float32) and in float32 on the CPU;
+--dtype=float32 keeps the exact path. One @TinyJit step does the forward, cross-entropy, backward, global-norm gradient clipping
+and the AdamW update; the lr is a Tensor written before each step, so the jitted step follows the schedule. A run lives in
+<out>/<name>/: log.txt (the resolved config, versions and device, then one line per step), config.json, and ckpt/ with
+model.safetensors, optim.safetensors and state.json (step, data generator state, validation history). A checkpoint is written to
+ckpt.tmp/ and renamed into place, the old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/
+(or, between the two renames, in ckpt.old/, which loading falls back to).
 """
 import dataclasses, difflib, importlib.metadata, inspect, io, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time
 import tokenize, typing
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from tqdm import tqdm
-from tinygrad import Context, Device, Tensor, TinyJit, dtypes
+from tinygrad import Context, Device, Tensor, TinyJit, Variable, dtypes
 from tinygrad.helpers import BEAM, JIT, NOOPT, PARALLEL
 from tinygrad.nn.optim import AdamW, OptimizerGroup
 from tinygrad.nn.state import get_state_dict
@@ -153,7 +154,7 @@ def parse_args(argv:list[str]) -> TrainConfig:
   if kv.get("resume"):
     # a resumed run keeps its config; a preset given again must agree with it on the model (train() checks)
     return configure(load_config(Path(kv["resume"])), {"stop_at": 0, "overwrite": False, **(PRESETS[preset] if "preset" in kv else {}), **kv})
-  return configure(TrainConfig(), {**PRESETS[preset], **kv})
+  return configure(TrainConfig(), {"dtype": default_dtype(), **PRESETS[preset], **kv})
 
 def read_json(p:Path) -> typing.Any:
   try: return json.loads(p.read_bytes())
@@ -187,6 +188,12 @@ def check_device():
     other = ", ".join(f"DEV={d}" for d in ("CUDA", "METAL", "CL") if d != Device.DEFAULT)
     raise ValueError(f"DEV={os.environ.get('DEV', Device.DEFAULT)}: the {Device.DEFAULT} device is not available here ({why}); "
                      f"try DEV=CPU (it needs clang), or {other} where this machine has one") from None
+
+def default_dtype() -> str:
+  # a new run's activation dtype where neither the preset nor --dtype names one: bfloat16 on a GPU that supports it, as the peers
+  # train (states, gates and accumulators stay float32); float32 on the CPU, whose clang may lack bfloat16 and gains nothing by it
+  try: return "bfloat16" if Device.DEFAULT != "CPU" and kernels.supported("bfloat16") else "float32"
+  except Exception: return "float32"   # the device does not open: check_device says so, in one line
 
 def check_dtype(dtype:str):
   if not kernels.supported(dtype): raise ValueError(f"--dtype={dtype}: the {Device.DEFAULT} device does not support it here; use --dtype=float32")
@@ -359,19 +366,30 @@ def make_optimizer(model:Model, cfg:TrainConfig) -> OptimizerGroup:
   return OptimizerGroup(*(AdamW([p for p in params if (p.ndim > 1) == decay], lr=cfg.lr, b1=cfg.b1, b2=cfg.b2,
                                 weight_decay=cfg.weight_decay if decay else 0.0) for decay in (True, False)))
 
+SYNC_EVERY = 10   # train() reads the losses of this many queued steps at once
+
 def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
   """The jitted training step: forward, cross-entropy, backward, global-norm gradient clipping, the AdamW update.
-  step(x, y) with (B, L) int tensors returns (loss, gradient norm) as realized tensors."""
+  step(x, y, lr, i) with (B, L) int tensors, the learning rate (a (1,) float tensor) and i (a bound Variable below SYNC_EVERY)
+  returns (loss, gradient norm) as realized tensors and also writes them into row i of step.history (SYNC_EVERY, 2): the jit's
+  outputs are overwritten by its next call, so a caller that reads several steps at once reads them there. The lr is an input of
+  the jitted graph: writing it from outside would schedule and run kernels of its own every step."""
+  history = Tensor.zeros(SYNC_EVERY, 2).contiguous().realize()
   @TinyJit
   @Context(TRAINING=1)
-  def step(x:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
+  def step(x:Tensor, y:Tensor, lr:Tensor, i:Variable) -> tuple[Tensor, Tensor]:
+    for o in opt.optimizers: o.lr.assign(lr.cast(o.lr.dtype))
     opt.zero_grad()
     loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE).backward()
     gnorm = Tensor.stack(*[p.grad.float().square().sum() for p in opt.params]).sum().sqrt()
     for p in opt.params: p.grad = p.grad * (grad_clip / (gnorm + 1e-6)).minimum(1.0)
-    Tensor.realize(loss, gnorm, *opt.schedule_step())
+    row = history[i:i + 1].assign(Tensor.stack(loss.float(), gnorm).reshape(1, 2))
+    Tensor.realize(loss, gnorm, row, *opt.schedule_step())
     return loss, gnorm
+  step.history = history
   return step
+
+def slot(i:int) -> Variable: return Variable("i", 0, SYNC_EVERY - 1).bind(i)   # step's history row i
 
 class Interrupted(Exception):
   """SIGINT or SIGTERM stopped a run: a checkpoint of the step reached was written, or the step under way was abandoned."""
@@ -468,28 +486,38 @@ def _train(cfg:TrainConfig) -> dict:
   main = threading.current_thread() is threading.main_thread()   # only the main thread may take signals
   handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
   losses, dts, s, saved = [], [], state["step"], state["step"] if cfg.resume else None
+  # the steps are queued SYNC_EVERY at a time and their losses read together: reading a loss waits for the device to finish
+  # everything queued, so reading it every step would leave the GPU idle while Python prepares the next one
+  pending, t0 = [], time.perf_counter()
+  def flush():
+    nonlocal t0
+    if not pending: return
+    vals, dt = step.history.numpy()[:len(pending)].tolist(), (time.perf_counter() - t0) / len(pending)
+    for (s1, lr), (loss, gnorm) in zip(pending, vals):
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        bar.close()
+        say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s1}; {last_ckpt()}. Try a lower --lr or --dtype=float32.")
+        raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s1} of {run}; {last_ckpt()}")
+      losses.append(loss)
+      dts.append(dt)
+      state["train_time_s"] += dt
+      state["tokens"] += B * L
+      say(f"step {s1:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
+    bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
+    bar.update(len(pending))
+    pending.clear()
   try:
     if not cfg.resume: evaluate(0)
     bar = tqdm(total=end, initial=s, desc=run.name, dynamic_ncols=True)
     while s < end and not stop:
       x, y = data.next()
-      t0 = time.perf_counter()
+      if not pending: t0 = time.perf_counter()
       lr = lr_at(cfg, s)
-      for o in opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
-      loss, gnorm = (t.item() for t in step(Tensor(x), Tensor(y)))
-      dt = time.perf_counter() - t0
-      if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        bar.close()
-        say(f"stopped: loss {loss} and gradient norm {gnorm} at step {s + 1}; {last_ckpt()}. Try a lower --lr or --dtype=float32.")
-        raise FloatingPointError(f"non-finite loss {loss} (gradient norm {gnorm}) at step {s + 1} of {run}; {last_ckpt()}")
       s += 1
-      losses.append(loss)
-      dts.append(dt)
-      state["train_time_s"] += dt
-      state["tokens"] += B * L
-      say(f"step {s:05d}/{cfg.steps:05d} | loss {loss:.4f} | lr {lr:.1e} | dt {dt * 1000:.1f}ms | tok/s {B * L / dt:,.0f}", echo=False)
-      bar.set_postfix_str(f"loss {loss:.4f} bpb {loss / math.log(2):.3f} tok/s {B * L / dt:,.0f}")
-      bar.update(1)
+      step(Tensor(x), Tensor(y), Tensor([lr], dtype=dtypes.float32), slot(len(pending)))
+      pending.append((s, lr))
+      # the first steps compile: they are read at once, so that their time is their own
+      if len(pending) == SYNC_EVERY or s <= 2 or s % cfg.eval_every == 0 or s % cfg.ckpt_every == 0 or s == end or stop: flush()
       # validation and checkpoints are off the clock: train_time_s only counts steps
       if s % cfg.eval_every == 0 or s == end: evaluate(s)
       if s % cfg.ckpt_every == 0 or s == end: checkpoint(saved := s)

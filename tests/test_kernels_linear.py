@@ -24,3 +24,47 @@ def test_linear(shape, N):
 def test_slices():
   # slices of at least 512 tokens, at most 16, each the same length
   assert [kernels._slices(K) for K in (1, 1000, 1024, 3000, 4096, 8192, 16384, 1 << 20)] == [1, 1, 2, 4, 8, 16, 16, 16]
+
+@pytest.mark.parametrize("shape", [(1, 256, 768), (3, 256, 12), (16, 704, 256), (1, 1, 8)])
+def test_linear_rows(shape):
+  # a decode step's few rows (up to kernels.ROWS), one token's weight gradient included (a reduce over one row)
+  M, K, N = shape
+  rng = np.random.default_rng(M + K + N)
+  xa, wa, ga = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (M, N)))
+  for name, r, g in zip(("y", "dx", "dw"), _grads(lambda x, w: x @ w, xa, wa, ga), _grads(kernels.linear, xa, wa, ga)):
+    assert np.sqrt(np.mean((g - r) ** 2)) <= 1e-4 * np.sqrt(np.mean(r ** 2)), name
+
+def _cuda_renderer():
+  # tinygrad's CUDA code generator for an H100 (sm_90), built without a GPU or NVRTC: kernels are planned here, not compiled
+  from tinygrad.renderer.cstyle import CUDARenderer, CStyleLanguage
+  from tinygrad.renderer import Target
+  from tinygrad.codegen.opt.tc import get_cuda
+  ren = CUDARenderer.__new__(CUDARenderer)
+  CStyleLanguage.__init__(ren, Target("CUDA", "", "sm_90"))
+  ren.tensor_cores = get_cuda("sm_90")
+  return ren
+
+@pytest.mark.parametrize("tiles, dtype, M, K, N", [("tc", "bfloat16", 8192, 256, 768), ("tc", "bfloat16", 16384, 1376, 512),
+                                                   ("tc", "half", 16384, 512, 1536), ("rows", "float32", 16, 256, 768),
+                                                   ("rows", "bfloat16", 1, 704, 256), ("rows", "float32", 3, 256, 12)])
+def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
+  # the hand-picked schedules (kernels._tc_opts, kernels._rows_opts) of the forward and both gradient products apply to the
+  # kernels on CUDA, where the CPU's tests cannot run them; "tc" ones do use the tensor cores wherever _tc_opts gives tiles
+  from tinygrad import dtypes
+  from tinygrad.uop.ops import Ops, KernelInfo
+  from tinygrad.codegen import full_rewrite_to_sink
+  from tinygrad.codegen.opt import OptOps
+  ren = _cuda_renderer()
+  # kernels._tiles as it chooses on an H100: decode rows up to kernels.ROWS, tensor-core tiles for half inputs
+  monkeypatch.setattr(kernels, "_tiles", lambda A, rows: "rows" if rows <= kernels.ROWS else "tc" if A.dtype != dtypes.float else "")
+  x, w, g = (Tensor.empty(*s, dtype=getattr(dtypes, dtype)) for s in ((M, K), (K, N), (M, N)))
+  outs = (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True))
+  asts = [u for t in outs for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo)
+          and u.arg.name.startswith("gemm")]
+  assert len(asts) == 3
+  for a in asts:
+    applied = full_rewrite_to_sink(a, ren).arg.applied_opts
+    assert applied == a.arg.opts_to_apply or a.arg.opts_to_apply is None
+    if tiles == "tc" and a.arg.opts_to_apply is not None: assert applied[0].op is OptOps.TC
+    if tiles == "rows" and a.arg.opts_to_apply is not None: assert all(o.op is not OptOps.TC for o in applied)
+  assert sum(a.arg.opts_to_apply is not None for a in asts) >= (1 if tiles == "tc" else 2)   # rows: the forward and dx
