@@ -70,14 +70,14 @@ class TrainConfig:
 
 # Every preset's comment: measured time and final validation result, on named hardware, with the command.
 PRESETS: dict[str, dict] = {
-  # 2-core x86 CPU, clang 14 (DEV=CPU): 40-48 s wall, 520-590 tok/s once compiled, val bpb 7.965 -> 4.601 (`python train.py --preset=smoke`)
+  # 2-core x86 CPU, clang 14 (DEV=CPU): 21.7 s wall, 1,475 tok/s once compiled, val bpb 7.965 -> 4.601 (`python train.py --preset=smoke`)
   "smoke": dict(dim=64, n_layers=2, n_heads=2, segment=32, chunk=16, seq_len=128, batch_size=4, steps=20, warmup=2, lr=4e-3,
                 eval_every=10, eval_batches=2, ckpt_every=10),
-  # H100 80GB (DEV=CUDA, JIT=2): 322 s wall (302 s training), 46,033 tok/s, val bpb 7.761 -> 1.666 (`DEV=CUDA python train.py`;
-  # before kernels.linear and CUDA graphs)
+  # H100 80GB (DEV=CUDA, bfloat16 by default): 74.7 s wall (60.2 s training, first step 17.1 s), 355,577 tok/s, val bpb
+  # 7.761 -> 1.618 (`DEV=CUDA python train.py`)
   "default": dict(dim=256, n_layers=4, n_heads=4, core="swla", agg="grm", segment=128, chunk=64, seq_len=512, batch_size=16),
   # H100 80GB (DEV=CUDA, JIT=2): 305 s wall (279 s training), 37,021 tok/s, val bpb 7.575 -> 1.628, 22.4 M params
-  # (`DEV=CUDA python train.py --preset=gpu`; before kernels.linear and CUDA graphs)
+  # (`DEV=CUDA python train.py --preset=gpu`; before kernels.linear and CUDA graphs, not re-timed since)
   "gpu": dict(dim=512, n_layers=6, n_heads=8, core="swla", agg="grm", segment=256, chunk=64, seq_len=1024, batch_size=16, steps=500,
               lr=1e-3, warmup=100, eval_every=100, ckpt_every=250, dtype="bfloat16"),
   # H100 80GB: 6.4 steps/s (120,000 tok/s), so about 5.5 min; val answer accuracy 0.9994 at step 1000 (run stopped at 1128)
