@@ -455,7 +455,7 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
   last, s1, Y = pos % C == C - 1, pos // C + 1, {x: st[x].unsqueeze(2) for x in ("M", "W1", "W2", "ksum") if x in E}
   if cfg.segmentation == "const":
     sl = slice(var // C, var // C + 1)
-    Tensor.realize(*[st["E" + x][:, :, sl].assign(last.where(val, st["E" + x][:, :, sl])) for x, val in Y.items()])
+    for x, val in Y.items(): st["E" + x][:, :, sl].assign(last.where(val, st["E" + x][:, :, sl]))
     return y, {**st, "En": ((Tensor.arange(E["n"].shape[0]) == s1 - 1) & last).where(C, st["En"])}
   unit = _levels(E["n"].shape[0])
   land, carry = (s1 % unit == 0) & (s1 % (2 * unit) != 0) & last, (s1 % (2 * unit) == 0) & last
@@ -581,7 +581,7 @@ class Attention:
 
   def step(self, h:Tensor, qkv:Tensor, st:dict, pos:Variable) -> Tensor:
     q, k, v = self._qkv(qkv, st["cos"][pos:pos + 1], st["sin"][pos:pos + 1])
-    Tensor.realize(st["k"][:, :, pos:pos + 1].assign(k), st["v"][:, :, pos:pos + 1].assign(v))
+    for x, val in (("k", k), ("v", v)): st[x][:, :, pos:pos + 1].assign(val)   # the reads below come after the write
     return q.scaled_dot_product_attention(st["k"][:, :, :pos + 1], st["v"][:, :, :pos + 1])
 
 MIXERS = {"mc": Memory, "attn": Attention}
