@@ -6,6 +6,7 @@ tinymc evaluation of a trained run: language modelling at longer contexts, needl
   python eval.py niah --ckpt=runs/default --limit=4                # NIAH-1/2/3 accuracy over lengths x depths
   python eval.py mqar --ckpt=runs/mqar                             # MQAR accuracy over (seq_len, num_kv_pairs)
   python eval.py sample --ckpt=runs/default --prompt="def "       # 200 bytes after a prompt: a parallel prefill, then decoding
+  python eval.py report runs/mqar-*                               # markdown tables of runs: mean +- std over their seeds
 
 Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
 the same weights. Each command prints a table (sample: the text) and writes it as JSON into the run folder,
@@ -148,6 +149,72 @@ def sample(ec:EvalConfig, overrides:dict) -> dict:
 
 COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "niah": niah, "mqar": mqar, "sample": sample}
 
+# ***** report: run folders gathered into tables, mean +- std over the seeds of each configuration *****
+
+# run config fields that name a run or say how it was run, not what was trained: runs differing only in these are seeds of one row
+NOT_CONFIG = ("seed", "out", "name", "resume", "overwrite", "stop_at")
+
+def _columns(res:dict) -> dict[str, float|None]:
+  # one eval JSON's numbers by column: mqar accuracy per (length, pairs), niah accuracy per (task, length) over the depths,
+  # ppl bits per byte per length
+  rows, cmd = res.get("rows", []), res.get("command")
+  if cmd == "mqar": return {f"T={r['seq_len']} kv={r['kv']}": r["acc"] for r in rows}
+  if cmd == "ppl": return {f"L={r['length']}": r["bpb"] for r in rows}
+  if cmd == "niah":
+    cells: dict[str, list] = {}
+    for r in rows: cells.setdefault(f"NIAH-{r['task']} L={r['length']}", []).append(r["acc"])
+    return {k: float(np.mean(v)) for k, v in cells.items()}
+  return {}
+
+def _run(folder:Path) -> tuple[dict, dict[str, dict]]:
+  # a run's config (model fields flattened) and its tables: "val" (the last validation of training), one per eval_*.json
+  cfg = dataclasses.asdict(train.load_config(folder))
+  cfg = {**{k: v for k, v in cfg.items() if k != "model"}, **cfg["model"]}
+  tables = {}
+  try:
+    last = train.read_state(train.ckpt_dir(folder))["val"][-1]
+    tables["final validation"] = {k: last[k] for k in ("loss", "bpb", "acc") if k in last}
+  except (ValueError, IndexError): pass
+  for p in sorted(folder.glob("eval_*.json")): tables[p.stem[5:]] = _columns(train.read_json(p))
+  return cfg, tables
+
+def _mean_std(xs:list) -> str:
+  xs = [x for x in xs if x is not None]
+  if not xs: return "-"
+  return f"{np.mean(xs):.4f}" if len(xs) == 1 else f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}"
+
+def report(folders:list[str]) -> str:
+  """Markdown tables of run folders: one per kind of result (the final validation, each eval_*.json), a row per configuration,
+  its cells the mean +- sample standard deviation over the runs (seeds) that share it. A row is named by the config fields
+  that differ between rows."""
+  if not folders: raise ValueError("report: give run folders, e.g. python eval.py report runs/mqar-*")
+  runs = [(f, *_run(Path(f))) for f in folders]
+  key = lambda cfg: tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in NOT_CONFIG))
+  groups: dict[tuple, list] = {}
+  for f, cfg, tables in runs: groups.setdefault(key(cfg), []).append((f, cfg, tables))
+  varying = sorted({k for g in groups for k, v in g} - {k for k, v in set.intersection(*[set(g) for g in groups])})
+  name = lambda g: " ".join(f"{k}={v}" for k, v in g if k in varying) or "all runs"
+  out = []
+  for kind in sorted({t for _, _, tables in runs for t in tables}, key=lambda t: (t != "final validation", t)):
+    cols = list(dict.fromkeys(c for _, _, tables in runs for c in tables.get(kind, {})))
+    head = ["config", "runs", *cols]
+    rows = [[name(g), str(sum(kind in t for _, _, t in rs)), *[_mean_std([t.get(kind, {}).get(c) for _, _, t in rs]) for c in cols]]
+            for g, rs in groups.items()]
+    out.append(f"### {kind}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows))
+  return "\n\n".join(out) + "\n"
+
+def report_main(argv:list[str]) -> int:
+  # python eval.py report RUN [RUN ...] [--out=FILE]: the tables on stdout, and into FILE when given
+  outs, folders = [a[6:] for a in argv if a.startswith("--out=")], [a for a in argv if not a.startswith("--")]
+  if bad := [a for a in argv if a.startswith("--") and not a.startswith("--out=")]:
+    raise ValueError(f"report: unknown option {bad[0]}: it takes run folders and --out=FILE")
+  text = report(folders)
+  print(text, end="")
+  if outs:
+    Path(outs[-1]).write_text(text)
+    print(f"wrote {outs[-1]}")
+  return 0
+
 def evaluate(cmd:str, argv:list[str]) -> dict:
   """Run one command with --key=value arguments (EvalConfig fields, and MCConfig fields as overrides); returns its JSON dict."""
   if cmd not in COMMANDS: raise ValueError(f"unknown command {cmd!r}: allowed values are {tuple(COMMANDS)}")
@@ -173,7 +240,8 @@ def for_command(cmd:str|None):
 def usage(cmd:str|None=None) -> str:
   # the docstring (or the command's), then every option with its default and meaning, read from EvalConfig and MCConfig
   head = f"usage: python eval.py {cmd or '{' + ','.join(COMMANDS) + '}'} [--key=value ...]; the device is tinygrad's DEV=CPU|CUDA|METAL|CL\n"
-  about = f"\n{cmd}: {COMMANDS[cmd].__doc__}\n" if cmd else __doc__ + "\ncommands: " + ", ".join(COMMANDS) + " (python eval.py COMMAND --help)\n"
+  names = ", ".join([*COMMANDS, "report"])
+  about = f"\n{cmd}: {COMMANDS[cmd].__doc__}\n" if cmd else __doc__ + f"\ncommands: {names} (python eval.py COMMAND --help)\n"
   return (f"{head}{about}\noptions (EvalConfig), --key=value:\n{train.options_help(EvalConfig, for_command(cmd))}\n\n"
           f"model overrides (MCConfig in mc.py): the run's config with these fields replaced, the same weights\n"
           f"{train.options_help(MCConfig, default='the run')}")
@@ -186,7 +254,12 @@ def main(argv:list[str]|None=None) -> int:
   if {"-h", "--help"} & set(argv[1:]) and argv[0] in COMMANDS:
     print(usage(argv[0]))
     return 0
-  try: evaluate(argv[0], argv[1:])
+  if argv[0] == "report" and {"-h", "--help"} & set(argv[1:]):
+    print(f"usage: python eval.py report RUN [RUN ...] [--out=FILE]\n\n{report.__doc__}")
+    return 0
+  try:
+    if argv[0] == "report": return report_main(argv[1:])
+    evaluate(argv[0], argv[1:])
   except ValueError as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     return 2

@@ -146,3 +146,47 @@ def test_readme_commands():
           kv = train.parse_kv(words[3:], {**train._hints(ev.EvalConfig), **train._hints(train.MCConfig)})
           assert made.get(kv["ckpt"]) == ev.TASKS[words[2]], line
   assert n >= 10 and {"runs/smoke", "runs/none", "runs/default", "runs/mqar"} <= set(made)
+
+def _fake_run(root:Path, name:str, seed:int, agg:str, acc:dict, val:float|None) -> Path:
+  # a run folder as train.py and eval.py leave it: config.json, ckpt/state.json with its validation history, eval_mqar.json
+  import dataclasses
+  from mc import MCConfig
+  d = root / name
+  (d / "ckpt").mkdir(parents=True)
+  cfg = train.TrainConfig(task="mqar", seed=seed, name=name, model=MCConfig(agg=agg, vocab=8192))
+  (d / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+  hist = [] if val is None else [{"step": 5, "loss": 9.0, "bpb": 9.0, "acc": 0.0}, {"step": 10, "loss": val, "bpb": val / np.log(2), "acc": 1 - val}]
+  state = {"step": 10, "data": {}, "val": hist, "best_val": val, "train_time_s": 1.0, "tokens": 1}
+  (d / "ckpt" / "state.json").write_text(json.dumps(state))
+  rows = [{"seq_len": T, "kv": kv, "n": 8, "acc": a} for (T, kv), a in acc.items()]
+  (d / "eval_mqar.json").write_text(json.dumps({"command": "mqar", "rows": rows}))
+  return d
+
+def test_report(tmp_path, capsys):
+  # two configurations x three seeds: each cell is the mean +- sample std of its seeds, a row is named by the field that differs
+  rng, runs, want = np.random.default_rng(0), [], {}
+  for agg in ("grm", "none"):
+    for seed in range(3):
+      acc = {(256, 4): float(rng.uniform()), (256, 8): None if agg == "none" else float(rng.uniform())}
+      val = float(rng.uniform(1, 2))
+      runs.append(str(_fake_run(tmp_path, f"mqar-{agg}-{seed}", seed, agg, acc, val)))
+      for k, v in {**acc, "loss": val}.items(): want.setdefault((agg, k), []).append(v)
+  assert ev.main(["report", *runs, f"--out={tmp_path / 'r.md'}"]) == 0
+  text = (tmp_path / "r.md").read_text()
+  assert text in capsys.readouterr().out
+  tables = {t.split("\n", 1)[0]: t for t in text.split("### ")[1:]}
+  assert set(tables) == {"final validation", "mqar"}
+  cells = lambda table, agg: next(line for line in table.splitlines() if line.startswith(f"| agg={agg} |")).strip("| ").split(" | ")
+  fmt = lambda xs: f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}"
+  for agg in ("grm", "none"):
+    row = cells(tables["mqar"], agg)
+    assert row[1] == "3" and row[2] == fmt(want[agg, (256, 4)])
+    assert row[3] == ("-" if agg == "none" else fmt(want[agg, (256, 8)]))   # a cell no run has stays empty
+    assert cells(tables["final validation"], agg)[2] == fmt(want[agg, "loss"])
+
+def test_report_rejects(tmp_path, capsys):
+  # a folder that holds no run, and no folder at all: one line each, exit 2
+  for argv in (["report", str(tmp_path)], ["report"], ["report", str(tmp_path), "--limit=3"]):
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("report" in err or str(tmp_path) in err), err
