@@ -620,25 +620,27 @@ def _simt_opts(S:int, M:int, N:int, K:int) -> tuple|None:
   if S > 1 or M % 64 or N % 64 or K % 4: return None
   return (Opt(OptOps.LOCAL, 1, 16), Opt(OptOps.LOCAL, 0, 8), Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, 8), Opt(OptOps.UNROLL, 0, 4))
 
-def _rows_opts(M:int, N:int, K:int) -> tuple:
+def _rows_opts(S:int, M:int, N:int, K:int) -> tuple:
   # a few rows (a decode step's batch): a thread per (output column, slice of k) holding every row, 16 lanes along the columns (w
   # loads coalesced) and 16 slices of k summed in shared memory, so that a 256 x 768 product has 48 blocks of 256 threads
   lanes, group = next(u for u in (16, 8, 4, 2, 1) if N % u == 0), next(u for u in (16, 8, 4, 2, 1) if K % u == 0)
   # (all M rows upcast: the row axis goes, and the columns become axis 0)
   return tuple([Opt(OptOps.UPCAST, 0, M)] * (M > 1) + [Opt(OptOps.LOCAL, 0, lanes)] * (lanes > 1) + [Opt(OptOps.GROUP, 0, group)] * (group > 1))
 
+TILES = {"tc": _tc_opts, "simt": _simt_opts, "rows": _rows_opts}   # a product's hand-picked schedules, by kind (_tiles picks one)
+
 @functools.cache
 def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool, tiles:str):
   # C[s, m, n] = sum over the s-th of S slices of k of A[m, k] B[k, n], accumulated in float32; A stored (K, M) when a_t, B stored
   # (N, K) when b_t. Half inputs multiply in their dtype and accumulate in float32, the form tinygrad maps to tensor cores.
-  # tiles: "tc" tensor-core tiles where _tc_opts has some, "simt" _simt_opts where it has some, "rows" _rows_opts, "" tinygrad's
+  # tiles: a key of TILES (whose function may still leave a product to tinygrad, returning None), or "" for tinygrad's own
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
     _, M, N = C.shape
     Ks = (A.shape[0] if a_t else A.shape[1]) // S
     s, m, n, k = UOp.range(S, 0), UOp.range(M, 1), UOp.range(N, 2), _red(Ks, 3)
     a, b = (A[s * Ks + k, m] if a_t else A[m, s * Ks + k]), (B[n, s * Ks + k] if b_t else B[s * Ks + k, n])
     prod = (a * b).cast(dtypes.float) if half else a.cast(dtypes.float) * b.cast(dtypes.float)
-    opts = {"tc": _tc_opts, "simt": _simt_opts}[tiles](S, M, N, Ks) if tiles in ("tc", "simt") else _rows_opts(M, N, Ks) if tiles == "rows" else None
+    opts = TILES[tiles](S, M, N, Ks) if tiles else None
     st = C[s, m, n].store(_reduce(prod, k).cast(C.dtype)).end(s, m, n)
     return st.sink(arg=KernelInfo(name=f"gemm{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=opts))
   return fxn
