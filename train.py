@@ -37,7 +37,8 @@ class TrainConfig:
   task: str = "lm"            # "lm" next-byte prediction on a corpus, "mqar" multi-query associative recall (vocab >= 2 kv + 2)
   data: str = ""              # lm: a text file or folder of them; "" = the Python standard library's own .py source
   niah_mix: float = 0.0       # lm: share of training windows that carry a needle and its question (training needles only)
-  mqar_kv: int = 16           # mqar: key-value pairs in every training and validation sequence
+  mqar_kv: int = 16           # mqar: key-value pairs in every training and validation sequence (without mqar_mix)
+  mqar_mix: tuple[int, ...] = ()   # mqar: a mixture as length,pairs,length,pairs,... (Zoology: 64,4,128,8,256,16,256,32,256,64)
   seq_len: int = 512          # tokens per training window
   batch_size: int = 16        # windows per step
   steps: int = 1500           # optimizer steps; the lr schedule spans them
@@ -206,13 +207,30 @@ def device_defaults() -> dict:
   want = {"CPU": (("NOOPT", 1), ("PARALLEL", 0))}.get(Device.DEFAULT, ())
   return {k: v for k, v in want if k not in os.environ}
 
+def mqar_mixture(cfg:TrainConfig) -> list[tuple[int, int]]:
+  # (length, pairs) of the MQAR training mixture: --mqar_mix's pairs, or every sequence at seq_len with mqar_kv pairs
+  m = cfg.mqar_mix
+  if not m: return [(cfg.seq_len, cfg.mqar_kv)]
+  if len(m) % 2 or any(T > cfg.seq_len for T in m[::2]):
+    raise ValueError(f"--mqar_mix={','.join(map(str, m))}: give length,pairs,length,pairs,... with every length <= seq_len={cfg.seq_len}")
+  return list(zip(m[::2], m[1::2]))
+
 class MQAR:
-  """MQAR training batches from a seeded generator, with the state()/load_state() of data.Batches."""
+  """MQAR training batches from a seeded generator, with the state()/load_state() of data.Batches. With a mixture, row i of a
+  batch is drawn from entry i % len(mixture), its rows gathered per entry; a sequence shorter than seq_len is padded at its end
+  with token 0 and ignored targets (causal models never see the padding from earlier positions)."""
   def __init__(self, cfg:TrainConfig, seed):
-    self.cfg, self.rng = cfg, np.random.default_rng(seed)
-    mqar_batch(1, cfg.seq_len, cfg.mqar_kv, cfg.model.vocab, seed=0)    # raises on an impossible (seq_len, kv, vocab)
+    self.cfg, self.rng, self.mix = cfg, np.random.default_rng(seed), mqar_mixture(cfg)
+    for T, kv in self.mix: mqar_batch(1, T, kv, cfg.model.vocab, seed=0)   # raises on an impossible (length, kv, vocab)
   def next(self) -> tuple[np.ndarray, np.ndarray]:
-    return mqar_batch(self.cfg.batch_size, self.cfg.seq_len, self.cfg.mqar_kv, self.cfg.model.vocab, seed=self.rng)[:2]
+    B, L, m = self.cfg.batch_size, self.cfg.seq_len, len(self.mix)
+    xs, ys = [], []
+    for j, (T, kv) in enumerate(self.mix):
+      if n := len(range(j, B, m)):
+        x, y, _ = mqar_batch(n, T, kv, self.cfg.model.vocab, seed=self.rng)
+        xs.append(np.pad(x, ((0, 0), (0, L - T))))
+        ys.append(np.pad(y, ((0, 0), (0, L - T)), constant_values=IGNORE))
+    return np.concatenate(xs), np.concatenate(ys)
   def state(self) -> dict: return {"rng": self.rng.bit_generator.state}
   def load_state(self, state:dict): self.rng.bit_generator.state = state["rng"]
 

@@ -5,7 +5,7 @@ Every run uses the smoke preset's model and window shape, so tinygrad compiles i
 smoke run is conftest.py's session fixture `smoke_run`. `PYTHONPATH=. python tests/test_train.py --record` rewrites tests/golden_smoke.json
 from a fresh run (only when the model or training math changes on purpose).
 """
-import inspect, json, os, re, shutil, signal, subprocess, sys, time
+import dataclasses, inspect, json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -208,7 +208,9 @@ def test_help(capsys):
   out = capsys.readouterr().out
   for cls in (train.TrainConfig, train.MCConfig):
     for k, (default, doc) in train.field_docs(cls).items():
-      assert doc and re.search(rf"^  --{k} +{re.escape(default.strip(chr(34)) or chr(34) * 2)} +{re.escape(doc)}$", out, re.M), k
+      # a tuple is shown as --key=value takes it, a,b,c; an empty one as ""
+      shown = default[1:-1].replace(" ", "").rstrip(",") if default.startswith("(") else default.strip(chr(34))
+      assert doc and re.search(rf"^  --{k} +{re.escape(shown or chr(34) * 2)} +{re.escape(doc)}$", out, re.M), k
   assert re.search(r"^  --steps +1500 +optimizer steps; the lr schedule spans them$", out, re.M)
   for name in train.PRESETS: assert re.search(rf"^  {name} +\S.*\n {{11}}\S+=", out, re.M), name
   assert "H100 80GB" in out and "overwrite" in out and "SPEC" not in out
@@ -262,3 +264,25 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
   GOLDEN.write_text(json.dumps({"command": "PYTHONPATH=. python tests/test_train.py --record", "device": Device.DEFAULT,
                                 "note": "first 10 losses of the smoke preset (train.py --preset=smoke)", "losses": res["losses"]}, indent=1) + "\n")
   print(f"wrote {GOLDEN}: {res['losses']}")
+
+def test_mqar_mixture():
+  # --mqar_mix: row i of a batch from entry i % 3; each row a complete MQAR sequence of its entry's length and pairs, padded
+  # with token 0 and ignored targets to seq_len; without a mixture, the batches of mqar_batch at seq_len and mqar_kv
+  from data import IGNORE, mqar_batch
+  from mc import MCConfig
+  cfg = train.TrainConfig(task="mqar", seq_len=256, batch_size=10, mqar_mix=(64, 4, 128, 8, 256, 16), model=MCConfig(vocab=8192))
+  x, y = train.MQAR(cfg, 0).next()
+  assert x.shape == y.shape == (10, 256) and x.dtype == y.dtype == np.int32
+  for rows, (T, k) in zip(((0, 4), (4, 7), (7, 10)), ((64, 4), (128, 8), (256, 16))):
+    xs, ys = x[rows[0]:rows[1]], y[rows[0]:rows[1]]
+    assert (xs[:, T:] == 0).all() and (ys[:, T:] == IGNORE).all()
+    for xr, yr in zip(xs, ys):
+      keys, vals, pos = xr[0:2 * k:2], xr[1:2 * k:2], np.flatnonzero(yr != IGNORE)
+      assert len(pos) == k and sorted(xr[pos]) == sorted(keys) and len(set(keys)) == k
+      assert all(vals[np.flatnonzero(keys == xr[p])[0]] == yr[p] for p in pos)
+  plain = dataclasses.replace(cfg, mqar_mix=(), mqar_kv=16)
+  x2, y2 = train.MQAR(plain, 3).next()
+  x3, y3, _ = mqar_batch(10, 256, 16, vocab=8192, seed=np.random.default_rng(3))
+  assert np.array_equal(x2, x3) and np.array_equal(y2, y3)
+  for bad in ((64, 4, 128), (512, 4)):
+    with pytest.raises(ValueError, match="--mqar_mix"): train.MQAR(dataclasses.replace(cfg, mqar_mix=bad), 0)
