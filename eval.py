@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 from tinygrad import Context, Device
 import train
-from mc import MCConfig
+from mc import MCConfig, state_size
 from data import load_corpus, mqar_batch, niah_example
 from data.tasks import niah_min_length
 
@@ -167,9 +167,11 @@ def _columns(res:dict) -> dict[str, float|None]:
   return {}
 
 def _run(folder:Path) -> tuple[dict, dict[str, dict]]:
-  # a run's config (model fields flattened) and its tables: "val" (the last validation of training), one per eval_*.json
-  cfg = dataclasses.asdict(train.load_config(folder))
-  cfg = {**{k: v for k, v in cfg.items() if k != "model"}, **cfg["model"]}
+  # a run's config (model fields flattened, and the state one layer holds at its training length) and its tables: the last
+  # validation of training, one per eval_*.json
+  tc = train.load_config(folder)
+  cfg = dataclasses.asdict(tc)
+  cfg = {**{k: v for k, v in cfg.items() if k != "model"}, **cfg["model"], "state": state_size(tc.model, tc.seq_len)}
   tables = {}
   try:
     last = train.read_state(train.ckpt_dir(folder))["val"][-1]
@@ -186,20 +188,20 @@ def _mean_std(xs:list) -> str:
 def report(folders:list[str]) -> str:
   """Markdown tables of run folders: one per kind of result (the final validation, each eval_*.json), a row per configuration,
   its cells the mean +- sample standard deviation over the runs (seeds) that share it. A row is named by the config fields
-  that differ between rows."""
+  that differ between rows; state/layer is the memory one layer holds at the training length (mc.state_size: Zoology's axis)."""
   if not folders: raise ValueError("report: give run folders, e.g. python eval.py report runs/mqar-*")
   runs = [(f, *_run(Path(f))) for f in folders]
   key = lambda cfg: tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in NOT_CONFIG))
   groups: dict[tuple, list] = {}
   for f, cfg, tables in runs: groups.setdefault(key(cfg), []).append((f, cfg, tables))
   varying = sorted({k for g in groups for k, v in g} - {k for k, v in set.intersection(*[set(g) for g in groups])})
-  name = lambda g: " ".join(f"{k}={v}" for k, v in g if k in varying) or "all runs"
+  name = lambda g: " ".join(f"{k}={v}" for k, v in g if k in varying and k != "state") or "all runs"
   out = []
   for kind in sorted({t for _, _, tables in runs for t in tables}, key=lambda t: (t != "final validation", t)):
     cols = list(dict.fromkeys(c for _, _, tables in runs for c in tables.get(kind, {})))
-    head = ["config", "runs", *cols]
-    rows = [[name(g), str(sum(kind in t for _, _, t in rs)), *[_mean_std([t.get(kind, {}).get(c) for _, _, t in rs]) for c in cols]]
-            for g, rs in groups.items()]
+    head = ["config", "runs", "state/layer", *cols]
+    rows = [[name(g), str(sum(kind in t for _, _, t in rs)), f"{rs[0][1]['state']:,}",
+             *[_mean_std([t.get(kind, {}).get(c) for _, _, t in rs]) for c in cols]] for g, rs in groups.items()]
     out.append(f"### {kind}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows))
   return "\n\n".join(out) + "\n"
 

@@ -206,6 +206,15 @@ def cache_plan(n_seg:int, segmentation:str) -> tuple[list[tuple[int, int]], np.n
   reads = np.array([[blk in p for blk in blocks] for p in per_seg], dtype=bool).reshape(n_seg, len(blocks))
   return blocks, reads
 
+def state_size(cfg:MCConfig, L:int) -> int:
+  """Floats of memory one layer holds after L tokens (Zoology's state size): attention's keys and values (2 L H D); a recurrent
+  memory's state (H D D, or a deep memory's two weight matrices 2 H D E) times 1 + the entries cached by then (none for agg none)."""
+  H, D = cfg.n_heads, cfg.dim // cfg.n_heads
+  if cfg.mixer == "attn": return 2 * L * H * D
+  one = H * D * D if cfg.core not in DEEP else 2 * H * D * cfg.mem_expand * D
+  s = L // cfg.segment                                                       # complete segments: const caches each, log its Fenwick blocks
+  return one * (1 + ((s if cfg.segmentation == "const" else len(fenwick(s))) if AGG[cfg.agg].weights is not None else 0))
+
 def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   # p^(i) = mean of k_j over the tokens of entry i (B,H,N,D), from per-segment key sums
   ns = max(b for _, b in blocks)
@@ -481,6 +490,15 @@ def _scale(x:Tensor, w:Tensor, add:bool=False) -> Tensor:
   xg = x.reshape(G, T // G, n)
   return (xg + wg if add else xg * wg).reshape(x.shape)
 
+def _embed(emb:Tensor, tokens:Tensor) -> Tensor:
+  # emb[tokens] (B,L,dim) as a one-hot reduce over the vocabulary, as tinygrad's own indexing computes it, but per group of
+  # tokens: the embedding's gradient is summed over each group first (one thread walking all B*L tokens per weight took 2.3 ms of
+  # the long shape's step, DEBUG=2 on an H100)
+  T, (V, D) = math.prod(tokens.shape), emb.shape
+  eg = emb.reshape(1, V, D).expand(G := _groups(T), V, D).contiguous_backward()
+  hot = tokens.reshape(G, T // G, 1) == Tensor.arange(V)                                           # (G, T/G, V)
+  return (hot.unsqueeze(-1).where(eg.unsqueeze(1), 0.0)).sum(2).reshape(*tokens.shape, D)
+
 def _by_groups(u:Tensor, p:Tensor) -> Tensor:
   # u (B,H,L,D) @ p (B,H,N,D)^T (B,H,L,N), p's gradient summed over groups of tokens first
   B, H, L, D = u.shape
@@ -634,7 +652,7 @@ class Model:
 
   def __call__(self, tokens:Tensor, state:dict|None=None) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32; state: a decode state that receives the memory after the last token (prefill)
-    x = self.emb[tokens].cast(self.cfg.dtype)
+    x = _embed(self.emb, tokens).cast(self.cfg.dtype)
     for i, blk in enumerate(self.blocks): x = blk(x, None if state is None else state["blocks"][i])
     return self.head(x)
 
@@ -655,7 +673,7 @@ class Model:
     return out[0].cat(*out[1:], dim=1), state
 
   def _step(self, names:list, tokens:Tensor, pos:Variable, *flat:Tensor) -> Tensor:
-    it, x = iter(flat), self.emb[tokens.reshape(-1, 1)].cast(self.cfg.dtype)
+    it, x = iter(flat), _embed(self.emb, tokens.reshape(-1, 1)).cast(self.cfg.dtype)
     for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
     return self.head(x)[:, 0].realize(*flat)
 

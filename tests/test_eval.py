@@ -180,9 +180,10 @@ def test_report(tmp_path, capsys):
   fmt = lambda xs: f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}"
   for agg in ("grm", "none"):
     row = cells(tables["mqar"], agg)
-    assert row[1] == "3" and row[2] == fmt(want[agg, (256, 4)])
-    assert row[3] == ("-" if agg == "none" else fmt(want[agg, (256, 8)]))   # a cell no run has stays empty
-    assert cells(tables["final validation"], agg)[2] == fmt(want[agg, "loss"])
+    # the state: H D D (4 heads of 64) times 1 + the segments of 256 cached at seq_len 512 (grm: 2)
+    assert row[1] == "3" and row[2] == f"{4 * 64 * 64 * (3 if agg == 'grm' else 1):,}" and row[3] == fmt(want[agg, (256, 4)])
+    assert row[4] == ("-" if agg == "none" else fmt(want[agg, (256, 8)]))   # a cell no run has stays empty
+    assert cells(tables["final validation"], agg)[3] == fmt(want[agg, "loss"])
 
 def test_report_rejects(tmp_path, capsys):
   # a folder that holds no run, and no folder at all: one line each, exit 2

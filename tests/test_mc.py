@@ -247,3 +247,16 @@ def test_model_kernels_on_off(core, agg):
   assert rel(lk, lr) < RTOL
   errs = {n: rel(gk[n], gr[n]) for n in gr}
   assert max(errs.values()) < RTOL, errs
+
+def test_state_size():
+  # floats one layer holds after L tokens: H D D per memory (deep: W1 and W2, 2 H D E) times 1 + cached entries; attention 2 L H D
+  from mc import state_size
+  H, D, C = 4, 16, 32
+  cfg = lambda **kw: MCConfig(dim=H * D, n_heads=H, segment=C, chunk=16, **kw)
+  for L in (1, 31, 32, 33, 7 * 32, 7 * 32 + 5, 1000):
+    s = L // C
+    assert state_size(cfg(agg="none"), L) == H * D * D
+    assert state_size(cfg(agg="grm"), L) == state_size(cfg(agg="ssc"), L) == (1 + s) * H * D * D
+    assert state_size(cfg(agg="grm", segmentation="log"), L) == (1 + bin(s).count("1")) * H * D * D
+    assert state_size(cfg(core="titans", agg="grm"), L) == (1 + s) * 2 * H * D * 4 * D
+    assert state_size(cfg(mixer="attn", agg="none"), L) == 2 * L * H * D
