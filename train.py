@@ -10,11 +10,11 @@ tinymc training: a memory-caching language model on bytes (or an MQAR recall mod
 
 A new run trains in bfloat16 on a GPU that supports it (states, gates and accumulators stay float32) and in float32 on the CPU;
 --dtype=float32 keeps the exact path. One @TinyJit step does the forward, cross-entropy, backward, global-norm gradient clipping
-and the AdamW update; the lr is a Tensor written before each step, so the jitted step follows the schedule. A run lives in
-<out>/<name>/: log.txt (the resolved config, versions and device, then one line per step), config.json, and ckpt/ with
-model.safetensors, optim.safetensors and state.json (step, data generator state, validation history). A checkpoint is written to
-ckpt.tmp/ and renamed into place, the old one moved aside first, so a kill at any moment leaves a complete checkpoint in ckpt/
-(or, between the two renames, in ckpt.old/, which loading falls back to).
+and the AdamW update; the lr is an input of the jitted step, so it follows the schedule, and the losses are read ten steps at a
+time. A run lives in <out>/<name>/: log.txt (the resolved config, versions and device, then one line per step), config.json, and
+ckpt/ with model.safetensors, optim.safetensors and state.json (step, data generator state, validation history). A checkpoint is
+written to ckpt.tmp/ and renamed into place, the old one moved aside first, so a kill at any moment leaves a complete checkpoint
+in ckpt/ (or, between the two renames, in ckpt.old/, which loading falls back to).
 """
 import dataclasses, difflib, importlib.metadata, inspect, io, json, math, os, platform, re, shlex, shutil, signal, sys, threading, time
 import tokenize, typing
