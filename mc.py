@@ -550,6 +550,9 @@ class Memory:
       xp, (B, G, C) = qkv.pad((None, (w - 1, 0), None)), (qkv.shape[0], _groups(L), qkv.shape[2])
       wb = self.conv.cast(qkv.dtype).reshape(1, 1, w, C).expand(B, G, w, C).contiguous_backward()   # gradient per group of tokens first
       qkv = sum(xp[:, i:i + L].reshape(B, G, L // G, C) * wb[:, :, i:i + 1] for i in range(w)).reshape(B, L, C)
+      # made once, its gradient too: else the q and k norms' reductions each recompute the conv (at the gpu preset's shape 24
+      # such kernels took 4.1 ms of the step, and the conv's backward was one 13-input kernel of 2.8 ms; DEBUG=2, H100)
+      qkv = qkv.contiguous().contiguous_backward()
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
   def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)
