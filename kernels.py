@@ -72,8 +72,10 @@ _REGS, _REGS_NOLOCAL = (4, 8), (1, 1)
 class _Grid(NamedTuple):
   lanes: AxisType; regs: tuple   # a tile's thread axes (LOCAL, or plain loops without locals) and outputs per thread  # noqa: E702
 
+def _renderer(dev): return Device[dev if isinstance(dev, str) else dev[0]].renderer   # a device's (a sharded tensor's first)
+
 def _grid(dev) -> _Grid:
-  local = Device[dev if isinstance(dev, str) else dev[0]].renderer.has_local
+  local = _renderer(dev).has_local
   return _Grid(AxisType.LOCAL if local else AxisType.WEAK, _REGS if local else _REGS_NOLOCAL)
 
 def _split(size:int, rid:int, kind:AxisType, u:int=4) -> tuple[UOp, tuple[UOp, ...]]:
@@ -596,7 +598,8 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
 # **** linear ****
 # y = x W for the model's projections, and its gradients dx = dy W^T and dW = x^T dy. dW reduces over every token of the batch (B*L
 # of them), where one thread per output walking all of them leaves most of the chip idle: it runs as S products over slices of the
-# tokens (split-K), summed after. Half inputs on CUDA take tensor-core tiles; a few rows (decoding) take one thread per output column.
+# tokens (split-K), summed after. On a GPU the products take hand-picked schedules (TILES): tensor-core tiles for half inputs on
+# CUDA, 4 x 8 outputs per thread for float32, and for a few rows (decoding) a thread per output column and slice of k.
 _TC = (8, 16, 16)   # CUDA's m16n8k16 tile (tinygrad's dims: N, M, K), for half and bfloat16 inputs with float32 accumulators
 
 def _tc_opts(S:int, M:int, N:int, K:int) -> tuple|None:
@@ -654,7 +657,7 @@ def _slices(K:int) -> int:
 ROWS = 16   # up to this many rows a product is a decode step's: _rows_opts where the device has locals
 
 def _tiles(A:Tensor, M:int) -> str:
-  ren = Device[A.device].renderer
+  ren = _renderer(A.device)
   if not ren.has_local: return ""   # the CPU: tinygrad's own loops
   if M <= ROWS: return "rows"
   return "tc" if any(tc.dims == _TC and tc.dtype_in == A.dtype for tc in ren.tensor_cores) else "simt" if A.dtype == dtypes.float else ""
@@ -671,7 +674,7 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> 
 def linear_applies(x:Tensor) -> bool:
   # what linear adds over x @ w: the split of dW over many tokens, or a decode step's few rows on a device with locals
   rows = math.prod(x.shape[:-1])
-  return _slices(rows) > 1 or (rows <= ROWS and Device[x.device if isinstance(x.device, str) else x.device[0]].renderer.has_local)
+  return _slices(rows) > 1 or (rows <= ROWS and _renderer(x.device).has_local)
 
 def linear(x:Tensor, w:Tensor) -> Tensor:
   """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""
