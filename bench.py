@@ -630,7 +630,7 @@ def train_step(bc:BenchConfig, overrides:dict) -> dict:
   return {"shapes": {s: shapes[s] for s in bc.shapes}, "reps": reps, **info, "rows": rows}
 
 # **** decode: Model.step and prefill against a PyTorch Transformer with a KV cache ****
-# Step rows: ms per token of Model.step (one TinyJit per batch shape, the position a Variable) at a position of `context` tokens,
+# Step rows: ms per token of Model.step (the state's TinyJit, the position a Variable) at a position of `context` tokens,
 # after 3 warm-up steps, median of --reps. The state's shapes, and with them every step's work, do not depend on what it holds,
 # so the step rows start from init_state with the position set to the context (attention reads the first pos+1 cache entries).
 # Prefill rows (at the first batch size): Model.prefill of a context-long prompt against one forward (model(tokens), no state),

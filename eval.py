@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 from tinygrad import Context, Device
 import train
-from mc import MCConfig, state_size
+from mc import AGG, DEEP, MCConfig, fenwick
 from data import load_corpus, mqar_batch, niah_example
 from data.tasks import niah_min_length
 
@@ -154,6 +154,15 @@ COMMANDS: dict[str, typing.Callable[[EvalConfig, dict], dict]] = {"ppl": ppl, "n
 # run config fields that name a run or say how it was run, not what was trained: runs differing only in these are seeds of one row
 NOT_CONFIG = ("seed", "out", "name", "resume", "overwrite", "stop_at")
 
+def state_size(cfg:MCConfig, L:int) -> int:
+  """Floats of memory one layer holds after L tokens (Zoology's state size): attention's keys and values (2 L H D); a recurrent
+  memory's state (H D D, or a deep memory's two weight matrices 2 H D E) times 1 + the entries cached by then (none for agg none)."""
+  H, D = cfg.n_heads, cfg.dim // cfg.n_heads
+  if cfg.mixer == "attn": return 2 * L * H * D
+  one = H * D * D if cfg.core not in DEEP else 2 * H * D * cfg.mem_expand * D
+  s = L // cfg.segment                                                       # complete segments: const caches each, log its Fenwick blocks
+  return one * (1 + ((s if cfg.segmentation == "const" else len(fenwick(s))) if AGG[cfg.agg].weights is not None else 0))
+
 def _columns(res:dict) -> dict[str, float|None]:
   # one eval JSON's numbers by column: mqar accuracy per (length, pairs), niah accuracy per (task, length) over the depths,
   # ppl bits per byte per length
@@ -188,7 +197,7 @@ def _mean_std(xs:list) -> str:
 def report(folders:list[str]) -> str:
   """Markdown tables of run folders: one per kind of result (the final validation, each eval_*.json), a row per configuration,
   its cells the mean +- sample standard deviation over the runs (seeds) that share it. A row is named by the config fields
-  that differ between rows; state/layer is the memory one layer holds at the training length (mc.state_size: Zoology's axis)."""
+  that differ between rows; state/layer is the memory one layer holds at the training length (state_size: Zoology's axis)."""
   if not folders: raise ValueError("report: give run folders, e.g. python eval.py report runs/mqar-*")
   runs = [(f, *_run(Path(f))) for f in folders]
   key = lambda cfg: tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in NOT_CONFIG))

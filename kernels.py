@@ -683,3 +683,45 @@ def linear(x:Tensor, w:Tensor) -> Tensor:
     gy = Tensor(gy)[0].contiguous()
     return (None, _gemm(gy, wc, b_t=True).uop, _gemm(x2, gy, a_t=True).uop)
   return _gemm(x.reshape(-1, x.shape[-1]), w.cast(x.dtype), grad_fxn=bwd).reshape(*x.shape[:-1], w.shape[1])
+
+# **** weights that every token uses ****
+# A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
+# GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over
+# groups). Each is its plain form (x * w, emb[tokens], u @ p^T, the conv) with only the gradient's schedule changed.
+
+def _token_groups(T:int) -> int:
+  # groups of at least 256 rows: the largest power of two that divides T and leaves that many
+  G = 1
+  while T % (2 * G) == 0 and T // (2 * G) >= 256: G *= 2
+  return G
+
+def scale(x:Tensor, w:Tensor, add:bool=False) -> Tensor:
+  """x (..., n) times (or plus) w (n,): a norm's weight, a gate's bias."""
+  T, n = math.prod(x.shape[:-1]), x.shape[-1]
+  wg = w.reshape(1, 1, n).expand(G := _token_groups(T), 1, n).contiguous_backward()
+  xg = x.reshape(G, T // G, n)
+  return (xg + wg if add else xg * wg).reshape(x.shape)
+
+def embed(emb:Tensor, tokens:Tensor) -> Tensor:
+  """emb (V, D) [tokens] (..., D) as a one-hot reduce over the vocabulary, as tinygrad's own indexing computes it (one thread walking
+  all B*L tokens per weight took 2.3 ms of the long shape's step, DEBUG=2 on an H100)."""
+  T, (V, D) = math.prod(tokens.shape), emb.shape
+  eg = emb.reshape(1, V, D).expand(G := _token_groups(T), V, D).contiguous_backward()
+  hot = tokens.reshape(G, T // G, 1) == Tensor.arange(V)                   # (G, T/G, V)
+  return (hot.unsqueeze(-1).where(eg.unsqueeze(1), 0.0)).sum(2).reshape(*tokens.shape, D)
+
+def logits(u:Tensor, p:Tensor) -> Tensor:
+  """u (B,H,L,D) @ p (B,H,N,D)^T -> (B,H,L,N): every token against every cache entry's summary."""
+  B, H, L, D = u.shape
+  pg = p.unsqueeze(2).expand(B, H, G := _token_groups(L), *p.shape[2:]).contiguous_backward()
+  return (u.reshape(B, H, G, L // G, D) @ pg.transpose(-1, -2)).reshape(B, H, L, p.shape[2])
+
+def causal_conv(x:Tensor, w:Tensor) -> Tensor:
+  """Causal depthwise conv, x (B,L,C) and w (W,C) -> y_t = sum_i w_i x_{t-W+1+i} (B,L,C). Made once, its gradient too: else each
+  reduction that reads it recomputes it (at the gpu preset's shape the q and k norms' 24 such kernels took 4.1 ms of the step, and
+  the conv's backward was one 13-input kernel of 2.8 ms; DEBUG=2, H100)."""
+  (B, L, C), W = x.shape, w.shape[0]
+  xp, G = x.pad((None, (W - 1, 0), None)), _token_groups(L)
+  wb = w.reshape(1, 1, W, C).expand(B, G, W, C).contiguous_backward()
+  y = sum(xp[:, i:i + L].reshape(B, G, L // G, C) * wb[:, :, i:i + 1] for i in range(W)).reshape(B, L, C)
+  return y.contiguous().contiguous_backward()

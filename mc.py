@@ -17,7 +17,7 @@ Choices the paper leaves open, made here:
 - ssc's top-k runs over past entries only (the online memory is always read), a tie going to the more recent entry.
 """
 from __future__ import annotations
-import functools, math
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 import numpy as np
@@ -206,15 +206,6 @@ def cache_plan(n_seg:int, segmentation:str) -> tuple[list[tuple[int, int]], np.n
   reads = np.array([[blk in p for blk in blocks] for p in per_seg], dtype=bool).reshape(n_seg, len(blocks))
   return blocks, reads
 
-def state_size(cfg:MCConfig, L:int) -> int:
-  """Floats of memory one layer holds after L tokens (Zoology's state size): attention's keys and values (2 L H D); a recurrent
-  memory's state (H D D, or a deep memory's two weight matrices 2 H D E) times 1 + the entries cached by then (none for agg none)."""
-  H, D = cfg.n_heads, cfg.dim // cfg.n_heads
-  if cfg.mixer == "attn": return 2 * L * H * D
-  one = H * D * D if cfg.core not in DEEP else 2 * H * D * cfg.mem_expand * D
-  s = L // cfg.segment                                                       # complete segments: const caches each, log its Fenwick blocks
-  return one * (1 + ((s if cfg.segmentation == "const" else len(fenwick(s))) if AGG[cfg.agg].weights is not None else 0))
-
 def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   # p^(i) = mean of k_j over the tokens of entry i (B,H,N,D), from per-segment key sums
   ns = max(b for _, b in blocks)
@@ -285,7 +276,7 @@ def read_cache(cfg:MCConfig, q:Tensor, o:Tensor, u:Tensor, cache:dict, p_on:Tens
   read1) of the online W_t."""
   agg, D = AGG[cfg.agg], q.shape[-1]
   if agg.weights is None: return o
-  z, z_on = _by_groups(u, cache["p"]) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
+  z, z_on = kernels.logits(u, cache["p"]) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
   if "M" in cache: return (kernels.cache_read if fused else cache_read_ref)(q, o, cache["M"], z, z_on, reads, C, agg.linear, cfg.topk)
   g_on, g = agg.weights(z, z_on, _mask(reads, C, q.shape[2], q.device), cfg.topk)
   W1, W2, g_on, g = cache["W1"], cache["W2"], g_on.unsqueeze(-1), g.permute(0, 1, 3, 2).unsqueeze(-1)   # W (B,H,N,...), g (B,H,N,L,1)
@@ -475,42 +466,12 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
 
 # ***** the token mixers, the block and the model *****
 
-# A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
-# GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over groups).
-def _groups(T:int) -> int:
-  # groups of at least 256 rows: the largest power of two that divides T and leaves that many
-  G = 1
-  while T % (2 * G) == 0 and T // (2 * G) >= 256: G *= 2
-  return G
-
-def _scale(x:Tensor, w:Tensor, add:bool=False) -> Tensor:
-  # x (..., n) times (or plus) w (n,)
-  T, n = math.prod(x.shape[:-1]), x.shape[-1]
-  wg = w.reshape(1, 1, n).expand(G := _groups(T), 1, n).contiguous_backward()
-  xg = x.reshape(G, T // G, n)
-  return (xg + wg if add else xg * wg).reshape(x.shape)
-
-def _embed(emb:Tensor, tokens:Tensor) -> Tensor:
-  # emb[tokens] (B,L,dim) as a one-hot reduce over the vocabulary, as tinygrad's own indexing computes it, but per group of
-  # tokens: the embedding's gradient is summed over each group first (one thread walking all B*L tokens per weight took 2.3 ms of
-  # the long shape's step, DEBUG=2 on an H100)
-  T, (V, D) = math.prod(tokens.shape), emb.shape
-  eg = emb.reshape(1, V, D).expand(G := _groups(T), V, D).contiguous_backward()
-  hot = tokens.reshape(G, T // G, 1) == Tensor.arange(V)                                           # (G, T/G, V)
-  return (hot.unsqueeze(-1).where(eg.unsqueeze(1), 0.0)).sum(2).reshape(*tokens.shape, D)
-
-def _by_groups(u:Tensor, p:Tensor) -> Tensor:
-  # u (B,H,L,D) @ p (B,H,N,D)^T (B,H,L,N), p's gradient summed over groups of tokens first
-  B, H, L, D = u.shape
-  pg = p.unsqueeze(2).expand(B, H, G := _groups(L), *p.shape[2:]).contiguous_backward()
-  return (u.reshape(B, H, G, L // G, D) @ pg.transpose(-1, -2)).reshape(B, H, L, p.shape[2])
-
 # a projection in the activation dtype: kernels.linear where its weight gradient splits over the tokens, else x @ w, its gradient buffered
 def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
   return kernels.linear(x, w) if fused and kernels.linear_applies(x) else (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-(b := scale / math.sqrt(fan_in)), high=b)
 def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor:
-  return _scale(x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt(), w).cast(x.dtype)
+  return kernels.scale(x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt(), w).cast(x.dtype)
 def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
@@ -538,21 +499,14 @@ class Memory:
     q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
     u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
     if not self.gate_names: return q, k, v, u, {}
-    g = _scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
+    g = kernels.scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
     return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
 
   def __call__(self, h:Tensor, qkv:Tensor, st:dict|None=None) -> Tensor:
     # st: a decode state to fill with the memory after the last token (prefill)
     w, L = self.cfg.conv, qkv.shape[1]
     if st is not None and w: st["conv"].assign(qkv.pad((None, (st["conv"].shape[1], 0), None))[:, L:].float())
-    if w:
-      # causal depthwise conv: y_t = sum_i w_i x_{t-w+1+i}
-      xp, (B, G, C) = qkv.pad((None, (w - 1, 0), None)), (qkv.shape[0], _groups(L), qkv.shape[2])
-      wb = self.conv.cast(qkv.dtype).reshape(1, 1, w, C).expand(B, G, w, C).contiguous_backward()   # gradient per group of tokens first
-      qkv = sum(xp[:, i:i + L].reshape(B, G, L // G, C) * wb[:, :, i:i + 1] for i in range(w)).reshape(B, L, C)
-      # made once, its gradient too: else the q and k norms' reductions each recompute the conv (at the gpu preset's shape 24
-      # such kernels took 4.1 ms of the step, and the conv's backward was one 13-input kernel of 2.8 ms; DEBUG=2, H100)
-      qkv = qkv.contiguous().contiguous_backward()
+    if w: qkv = kernels.causal_conv(qkv, self.conv.cast(qkv.dtype))   # y_t = sum_i w_i x_{t-w+1+i}, per channel
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
   def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)
@@ -585,9 +539,8 @@ class Attention:
 
   def init_state(self, B:int, max_len:int) -> dict:
     H, D = self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
-    kv = [Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype) for _ in range(2)]
-    # buffers of its own (the rope tables are shared constants: a jitted step takes each buffer once)
-    return dict(zip(("k", "v", "cos", "sin"), (x.clone().realize() for x in (*kv, *rope_table(max_len, D, self.cfg.rope_theta)))))
+    k, v = (Tensor.zeros(B, H, max_len, D, dtype=self.cfg.dtype).contiguous().realize() for _ in range(2))
+    return dict(zip(("k", "v", "cos", "sin"), (k, v, *rope_table(max_len, D, self.cfg.rope_theta))))
 
   def _qkv(self, qkv:Tensor, cos:Tensor, sin:Tensor) -> list[Tensor]:
     q, k, v = (_heads(x, self.cfg.n_heads) for x in qkv.chunk(3, dim=-1))
@@ -649,20 +602,20 @@ class Model:
     self.emb = Tensor.normal(cfg.vocab, cfg.dim, std=0.02)
     self.blocks = [Block(cfg) for _ in range(cfg.n_layers)]
     self.norm = Tensor.ones(cfg.dim)
-    self._jits = {}                                                       # decode steps captured by TinyJit, by the state's shapes
 
   def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)   # logits (B,L,vocab)
 
   def __call__(self, tokens:Tensor, state:dict|None=None) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32; state: a decode state that receives the memory after the last token (prefill)
-    x = _embed(self.emb, tokens).cast(self.cfg.dtype)
+    x = kernels.embed(self.emb, tokens).cast(self.cfg.dtype)
     for i, blk in enumerate(self.blocks): x = blk(x, None if state is None else state["blocks"][i])
     return self.head(x)
 
   def init_state(self, B:int, max_len:int|None=None) -> dict:
-    """A decode state of fixed shape for up to max_len tokens (default DECODE_LEN): each block's (mem_init), "t" the next position."""
+    """A decode state of fixed shape for B sequences of up to max_len tokens (default DECODE_LEN): each block's (mem_init), "t"
+    the next position."""
     max_len = DECODE_LEN if max_len is None else max_len
-    return {"t": 0, "max_len": max_len, "blocks": [blk.mixer.init_state(B, max_len) for blk in self.blocks]}
+    return {"t": 0, "max_len": max_len, "B": B, "blocks": [blk.mixer.init_state(B, max_len) for blk in self.blocks]}
 
   def prefill(self, tokens:Tensor|np.ndarray, max_len:int|None=None) -> tuple[Tensor, dict]:
     """tokens (B,T) -> logits (B,T,vocab) and the decode state after token T-1, room for max_len tokens (default T + DECODE_LEN).
@@ -675,20 +628,23 @@ class Model:
     if T0 < T: out.append(Tensor(np.stack([self.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(T0, T)], 1)))
     return out[0].cat(*out[1:], dim=1), state
 
-  def _step(self, names:list, tokens:Tensor, pos:Variable, *flat:Tensor) -> Tensor:
-    it, x = iter(flat), _embed(self.emb, tokens.reshape(-1, 1)).cast(self.cfg.dtype)
+  def _step(self, names:list, flat:list[Tensor], tokens:Tensor, pos:Variable) -> Tensor:
+    it, x = iter(flat), kernels.embed(self.emb, tokens.reshape(-1, 1)).cast(self.cfg.dtype)
     for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
     return self.head(x)[:, 0].realize(*flat)
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
-    """One token per sequence (B,) at position state["t"] -> logits (B,vocab) and the state, updated in place. The position is a
-    bound Variable, so one TinyJit per batch shape serves every token. The logits live until the next step of the same shape."""
-    t, max_len, flat = state["t"], state["max_len"], _tensors(state)
+    """One token per sequence (B,) at position state["t"] -> logits (B,vocab) (alive until the state's next step) and the state,
+    updated in place. The state carries its TinyJit, its buffers baked in and the position a bound Variable: one capture serves
+    every token, and a replay rebinds nothing else (rebinding 30 state buffers took 3 ms of host time a token on an H100)."""
+    t, max_len, B = state["t"], state["max_len"], state["B"]
     if t >= max_len: raise ValueError(f"step: position {t} is past max_len={max_len}; prefill or init_state with a larger max_len")
-    key = (tokens.shape, *((x.shape, x.dtype) for x in flat))
-    if key not in self._jits: self._jits[key] = TinyJit(functools.partial(self._step, [sorted(st) for st in state["blocks"]]))
+    if tokens.shape != (B,): raise ValueError(f"step: tokens of shape {tokens.shape}, the state is for ({B},)")
+    if state.get("model") is not self:
+      names, flat = [sorted(st) for st in state["blocks"]], _tensors(state)
+      state["model"], state["jit"] = self, TinyJit(lambda tokens, pos: self._step(names, flat, tokens, pos))
     state["t"] = t + 1
-    return self._jits[key](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t), *flat), state
+    return state["jit"](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t)), state
 
   def generate(self, prompt:Tensor|np.ndarray, n:int, temperature:float=1.0, seed:int=0) -> np.ndarray:
     # prefill the prompt, then sample n tokens (temperature 0 = greedy); returns (B, T+n) int

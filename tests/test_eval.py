@@ -8,7 +8,7 @@ from tinygrad import Tensor
 import eval as ev
 import train
 from data import IGNORE
-from mc import Model
+from mc import MCConfig, Model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +161,18 @@ def _fake_run(root:Path, name:str, seed:int, agg:str, acc:dict, val:float|None) 
   rows = [{"seq_len": T, "kv": kv, "n": 8, "acc": a} for (T, kv), a in acc.items()]
   (d / "eval_mqar.json").write_text(json.dumps({"command": "mqar", "rows": rows}))
   return d
+
+def test_state_size():
+  # floats one layer holds after L tokens: H D D per memory (deep: W1 and W2, 2 H D E) times 1 + cached entries; attention 2 L H D
+  H, D, C = 4, 16, 32
+  cfg = lambda **kw: MCConfig(dim=H * D, n_heads=H, segment=C, chunk=16, **kw)
+  for L in (1, 31, 32, 33, 7 * 32, 7 * 32 + 5, 1000):
+    s = L // C
+    assert ev.state_size(cfg(agg="none"), L) == H * D * D
+    assert ev.state_size(cfg(agg="grm"), L) == ev.state_size(cfg(agg="ssc"), L) == (1 + s) * H * D * D
+    assert ev.state_size(cfg(agg="grm", segmentation="log"), L) == (1 + bin(s).count("1")) * H * D * D
+    assert ev.state_size(cfg(core="titans", agg="grm"), L) == (1 + s) * 2 * H * D * 4 * D
+    assert ev.state_size(cfg(mixer="attn", agg="none"), L) == 2 * L * H * D
 
 def test_report(tmp_path, capsys):
   # two configurations x three seeds: each cell is the mean +- sample std of its seeds, a row is named by the field that differs

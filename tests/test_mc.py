@@ -147,8 +147,8 @@ def _decode(cfg:MCConfig, L:int, P:int, B:int=2, seed:int=0) -> tuple[np.ndarray
   got = np.stack([model.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(L)], 1)
   logits, state = model.prefill(toks[:, :P], max_len=L)
   pre = np.concatenate([logits.numpy(), *[model.step(Tensor(toks[:, t]), state)[0].numpy()[:, None] for t in range(P, L)]], 1)
-  # one TinyJit served every token of both states: the position is a Variable, the state's shapes are fixed
-  assert len(model._jits) == 1
+  # the state's one TinyJit served every token after the prompt: the position is a Variable, the state's shapes are fixed
+  assert state["jit"].cnt == L - (P if cfg.mixer == "attn" else P // cfg.segment * cfg.segment)
   return got, pre, ref
 
 # (core, agg, ssc_mix, segmentation, state_init). CI: every core and every aggregation once, both segmentations and
@@ -196,6 +196,7 @@ def test_step_past_max_len():
   for _ in range(3): model.step(Tensor([1]), state)
   with pytest.raises(ValueError, match=r"max_len=3\b"): model.step(Tensor([1]), state)
   with pytest.raises(ValueError, match=r"max_len=4\b"): model.prefill(np.ones((1, 5), np.int32), max_len=4)
+  with pytest.raises(ValueError, match=r"tokens of shape \(2,\)"): model.step(Tensor([1, 2]), model.init_state(1, max_len=3))
 
 # ***** 5. a tiny model learns a fixed batch *****
 
@@ -247,16 +248,3 @@ def test_model_kernels_on_off(core, agg):
   assert rel(lk, lr) < RTOL
   errs = {n: rel(gk[n], gr[n]) for n in gr}
   assert max(errs.values()) < RTOL, errs
-
-def test_state_size():
-  # floats one layer holds after L tokens: H D D per memory (deep: W1 and W2, 2 H D E) times 1 + cached entries; attention 2 L H D
-  from mc import state_size
-  H, D, C = 4, 16, 32
-  cfg = lambda **kw: MCConfig(dim=H * D, n_heads=H, segment=C, chunk=16, **kw)
-  for L in (1, 31, 32, 33, 7 * 32, 7 * 32 + 5, 1000):
-    s = L // C
-    assert state_size(cfg(agg="none"), L) == H * D * D
-    assert state_size(cfg(agg="grm"), L) == state_size(cfg(agg="ssc"), L) == (1 + s) * H * D * D
-    assert state_size(cfg(agg="grm", segmentation="log"), L) == (1 + bin(s).count("1")) * H * D * D
-    assert state_size(cfg(core="titans", agg="grm"), L) == (1 + s) * 2 * H * D * 4 * D
-    assert state_size(cfg(mixer="attn", agg="none"), L) == 2 * L * H * D
