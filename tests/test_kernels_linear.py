@@ -25,6 +25,25 @@ def test_slices():
   # slices of at least 512 tokens, at most 16, each the same length
   assert [kernels._slices(K) for K in (1, 1000, 1024, 3000, 4096, 8192, 16384, 1 << 20)] == [1, 1, 2, 4, 8, 16, 16, 16]
 
+def test_linear_mma_emulated():
+  # the hand-written tensor-core product (kernels._mma_fxn) on tinygrad's Python emulator of CUDA's m16n8k16 tiles, as the CPU
+  # has none: kernels.linear's output and both gradients in bfloat16 against float32 products of the same rounded inputs. The
+  # three products take different tiles (32 x 32, 128 x 64, 64 x 32 in two slices) and every operand layout
+  from tinygrad import dtypes
+  from tinygrad.helpers import Context
+  bf, rng = dtypes.bfloat16, np.random.default_rng(7)
+  xa, wa, ga = rng.standard_normal((2, 512, 64)), rng.standard_normal((64, 96)) / 8, rng.standard_normal((2, 512, 96))
+  with Context(DEV="PYTHON::sm_80"):   # an Ampere's tensor cores, emulated
+    x, w, g = (Tensor(a.astype(np.float32)) for a in (xa, wa, ga))
+    x = x.cast(bf).contiguous()
+    assert kernels._tiles(x.reshape(-1, 64), 1024) == "tc" and kernels._mma_tiles(64, 96, 512) == (64, 32, 64)
+    y = kernels.linear(x, w)
+    got = [t.float().numpy() for t in (y, *(y.float() * g).sum().gradient(x, w))]
+  xr, wr, gr = x.float().numpy(), w.cast(bf).float().numpy(), g.cast(bf).float().numpy()
+  for name, r, o in zip(("y", "dx", "dw"), (xr @ wr, gr @ wr.T, np.einsum("bld,bln->dn", xr, gr)), got):
+    assert o.shape == r.shape, name
+    assert np.sqrt(np.mean((o - r) ** 2)) <= 1e-2 * np.sqrt(np.mean(r ** 2)), name
+
 @pytest.mark.parametrize("shape", [(1, 256, 768), (3, 256, 12), (16, 704, 256), (1, 1, 8)])
 def test_linear_rows(shape):
   # a decode step's few rows (up to kernels.ROWS), one token's weight gradient included (a reduce over one row)
@@ -47,10 +66,12 @@ def _cuda_renderer():
 @pytest.mark.parametrize("tiles, dtype, M, K, N", [("tc", "bfloat16", 8192, 256, 768), ("tc", "bfloat16", 16384, 1376, 512),
                                                    ("tc", "half", 16384, 512, 1536), ("simt", "float32", 8192, 704, 256),
                                                    ("simt", "float32", 8192, 256, 12), ("rows", "float32", 16, 256, 768),
-                                                   ("rows", "bfloat16", 1, 704, 256), ("rows", "float32", 3, 256, 12)])
+                                                   ("rows", "bfloat16", 1, 704, 256), ("rows", "float32", 3, 256, 12),
+                                                   ("tc", "bfloat16", 8192, 256, 12)])
 def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
   # the hand-picked schedules (kernels._tc_opts, kernels._rows_opts) of the forward and both gradient products apply to the
-  # kernels on CUDA, where the CPU's tests cannot run them; "tc" ones do use the tensor cores wherever _tc_opts gives tiles
+  # kernels on CUDA, where the CPU's tests cannot run them; "tc" ones do use the tensor cores wherever _tc_opts gives tiles, and
+  # the hand-written ones (kernels._mma_fxn, where the shapes tile by 32) stage their tiles with 16-byte loads
   from tinygrad import dtypes
   from tinygrad.uop.ops import Ops, KernelInfo
   from tinygrad.codegen import full_rewrite_to_sink
@@ -61,10 +82,15 @@ def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
   x, w, g = (Tensor.empty(*s, dtype=getattr(dtypes, dtype)) for s in ((M, K), (K, N), (M, N)))
   outs = (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True))
   asts = [u for t in outs for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo)
-          and u.arg.name.startswith("gemm")]
-  assert len(asts) == 3
+          and u.arg.name.startswith(("gemm", "mma"))]
+  assert len(asts) == 3 and all(a.arg.name.startswith("mma") == (tiles == "tc" and kernels._mma_tiles(M, N, K) is not None) for a in asts)
   for a in asts:
-    applied = full_rewrite_to_sink(a, ren).arg.applied_opts
+    sink = full_rewrite_to_sink(a, ren)
+    if a.arg.name.startswith("mma"):
+      assert {Ops.WMMA, Ops.BARRIER} <= {u.op for u in sink.toposort()}
+      assert any(u.op is Ops.LOAD and u.dtype == dtypes.uint32 and u._shape == (4,) for u in sink.toposort())
+      continue
+    applied = sink.arg.applied_opts
     assert applied == a.arg.opts_to_apply or a.arg.opts_to_apply is None
     if tiles == "tc" and a.arg.opts_to_apply is not None: assert applied[0].op is OptOps.TC
     if tiles == "rows" and a.arg.opts_to_apply is not None: assert all(o.op is not OptOps.TC for o in applied)
