@@ -36,6 +36,7 @@ class BenchConfig:
   lengths: tuple[int, ...] = ()            # layers: these lengths instead of the default ones
   shapes: tuple[str, ...] = ("default",)   # train: shapes of TRAIN_SHAPES (default, gpu, long), each a group of rows
   dtypes: tuple[str, ...] = ("float32", "bfloat16")   # train: activation dtypes (bfloat16 skipped where unsupported)
+  profile: int = 0                         # train: also each tinymc row's N slowest kernels in one step (DEBUG=2), and ms by kind
   json: str = ""                           # write the results to this file as JSON
 
 # **** measuring ****
@@ -560,8 +561,14 @@ def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
       if cuda: torch.cuda.empty_cache()
   return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
-def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int) -> tuple[float, float]:
-  # (median ms, first step s) of train.py's jitted step (train.make_step) on random tokens
+def kind(name:str) -> str:
+  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc), tinygrad's elementwise
+  # (E_...) and reduce (r_...) kernels
+  return {"E": "elementwise", "r": "reduce"}.get(w := name.split()[0].split("_")[0], w)
+
+def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int, profile:int=0) -> tuple[float, float, dict]:
+  # (median ms, first step s, {kernel: (ms, launches)} of one step when profiling) of train.py's jitted step (train.make_step)
+  # on random tokens
   Tensor.manual_seed(0)
   lm, tc = Model(cfg), train.TrainConfig(model=cfg)
   opt = train.make_optimizer(lm, tc)
@@ -575,15 +582,24 @@ def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int) -> tuple[float, float]:
   step(x, y, lr, train.slot(0))
   Device[Device.DEFAULT].synchronize()
   first = time.perf_counter() - st
-  return time_ms(step, x, y, lr, train.slot(0), reps=reps, warm=3), first
+  ms = time_ms(step, x, y, lr, train.slot(0), reps=reps, warm=3)
+  return ms, first, kernel_times(lambda: step(x, y, lr, train.slot(0))) if profile else {}
 
-def _tinymc_row(cfg:MCConfig, sh:dict, reps:int) -> dict:
+def print_profile(kt:dict, top:int):
+  # kernel_times of one step: the total, the sums by kind, the top slowest kernels
+  by: dict[str, tuple[float, int]] = {}
+  for name, (t, n) in kt.items(): by[kind(name)] = (by.get(kind(name), (0.0, 0))[0] + t, by.get(kind(name), (0.0, 0))[1] + n)
+  print(f"  one step, each kernel synchronised: {sum(t for t, _ in kt.values()):.2f} ms in {sum(n for _, n in kt.values())} launches; "
+        "by kind: " + ", ".join(f"{k} {t:.2f} ms ({n})" for k, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])))
+  print(table(["kernel", "ms", "launches"], [[k, t, n] for k, (t, n) in sorted(kt.items(), key=lambda kv: -kv[1][0])[:top]]))
+
+def _tinymc_row(cfg:MCConfig, sh:dict, reps:int, profile:int=0) -> dict:
   # one tinymc row; out of memory or a failed compile leaves it empty and the run goes on
   if cfg.mixer == "attn" and (nbytes := cfg.n_layers * sh["B"] * cfg.n_heads * sh["L"] ** 2 * 4) > ATTN_MAX_BYTES:
     return {"ms": None, "first_s": None, "error": f"skipped: its float32 score matrices alone are {nbytes / 2**30:.0f} GiB"}
   try:
-    ms, first = tinymc_train(cfg, sh["B"], sh["L"], reps)
-    return {"ms": ms, "first_s": first, "error": None}
+    ms, first, kt = tinymc_train(cfg, sh["B"], sh["L"], reps, profile)
+    return {"ms": ms, "first_s": first, "error": None, **({"kernels": kt} if kt else {})}
   except Exception as e: return {"ms": None, "first_s": None, "error": why(e)}
   finally: gc.collect()
 
@@ -618,11 +634,12 @@ def train_step(bc:BenchConfig, overrides:dict) -> dict:
     for n in names:
       if n in TORCH_ROWS and (s, dt, n) not in peer: continue
       fields = {**{k: sh[k] for k in ("dim", "n_layers", "n_heads", "segment", "chunk")}, **overrides, **TRAIN_ROWS.get(n, {}), "dtype": dt}
-      r = peer[s, dt, n] if n in TORCH_ROWS else _tinymc_row(MCConfig(**fields), sh, reps)
+      r = peer[s, dt, n] if n in TORCH_ROWS else _tinymc_row(MCConfig(**fields), sh, reps, bc.profile)
       tok_s = None if r["ms"] is None else sh["B"] * sh["L"] / r["ms"] * 1e3
       rows.append({"shape": s, "dtype": dt, "config": n, **r, "tok_s": tok_s, "ratio": None if eager is None or r["ms"] is None else eager / r["ms"]})
       print(f"train {s} {dt} {n}: " + (f"failed, {r['error']}" if r["ms"] is None else f"{r['ms']:.2f} ms/step, {tok_s:,.0f} tok/s, "
             f"vs eager {'-' if rows[-1]['ratio'] is None else format(rows[-1]['ratio'], '.3f') + 'x'}, first step {r['first_s']:.1f} s"), flush=True)
+      if r.get("kernels"): print_profile(r["kernels"], bc.profile)
   print("train: tok/s of the whole step; vs eager = tok/s / the PyTorch eager row's (same shape and dtype); first step = compile + run"
         + (f"; PyTorch {info['torch']} on {info['device']}" if info else ""))
   if rows: print(table(["shape", "dtype", "config", "ms/step", "tok/s", "vs eager", "first step s"],
@@ -734,7 +751,7 @@ def decode(bc:BenchConfig, overrides:dict) -> dict:
 COMMANDS: dict[str, tuple[typing.Callable[[BenchConfig, dict], dict], tuple[str, ...], bool]] = {
   "check": (check, ("only", "reps"), False), "kernels": (kernels, ("reps",), False), "profile": (profile, (), False),
   "layers": (layers, ("reps", "configs", "lengths"), True), "package": (package, ("reps", "configs"), True),
-  "model": (model, ("reps", "configs"), True), "train": (train_step, ("reps", "configs", "shapes", "dtypes"), True),
+  "model": (model, ("reps", "configs"), True), "train": (train_step, ("reps", "configs", "shapes", "dtypes", "profile"), True),
   "decode": (decode, ("reps", "configs", "contexts", "batches"), True)}
 
 def _clean(x):

@@ -47,10 +47,16 @@ def test_train(tmp_path, monkeypatch, capsys):
   tiny = dict(dim=16, n_layers=1, n_heads=1, B=1, L=32, segment=16, chunk=8)
   for shapes in (bench.TRAIN_SHAPES, bench.TRAIN_SHAPES_CPU): monkeypatch.setitem(shapes, "default", tiny)
   out = tmp_path / "train.json"
-  assert bench.main(["train", "--configs=la+none", "--dtypes=float32", "--reps=1", f"--json={out}"]) == 0
+  assert bench.main(["train", "--configs=la+none", "--dtypes=float32", "--reps=1", "--profile=3", f"--json={out}"]) == 0
   (row,) = json.loads(out.read_text())["rows"]
   assert row["config"] == "la+none" and row["tok_s"] > 0 and row["ratio"] is None and row["first_s"] > 0 and row["error"] is None
-  assert "vs eager -" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "vs eager -" in printed
+  # --profile: every kernel of one step with its time and launches, printed as sums by kind and the 3 slowest
+  assert row["kernels"] and all(t >= 0 and n >= 1 for t, n in row["kernels"].values())
+  assert "by kind: " in printed and max(row["kernels"].items(), key=lambda kv: kv[1][0])[0] in printed
+  assert [bench.kind(n) for n in ("mma_tn", "gemm_nt", "chunk_scan", "cache_read_dw", "E_8_16_4", "r_4_16")] == \
+         ["mma", "gemm", "chunk", "cache", "elementwise", "reduce"]
   assert bench.main(["train", "--shapes=huge"]) == 2 and bench.main(["train", "--dim=64"]) == 2
 
 def test_decode(tmp_path):
