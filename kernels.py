@@ -650,11 +650,11 @@ def _gemm_fxn(S:int, a_t:bool, b_t:bool, half:bool, tiles:str):
 
 # The tensor-core product by hand (CUDA, half and bfloat16): tinygrad's TC opts load every mma fragment straight from global
 # memory, two bytes at a time. Here a block stages tiles of A and B through shared memory with 16-byte loads, and each warp
-# builds its m16n8k16 fragments from there (PTX's layout: a thread holds rows g, g+8 and k pairs 2t, 2t+8 of A, k pairs 2t, 2t+8
-# of one column of B, where g = lane / 4 and t = lane % 4). Both operands are read as uint32 words, two values each: a
-# contiguous pair along k is one word, a pair across two rows of a column-major operand two half words. On the H100 it ran the
-# gpu shape's 16384 x 512 x 1536 product in 165 us against 390 us for TC opts (cuBLAS: 45 us).
-MMA_PAD = 4   # words of padding per shared row: fragment reads by 8 rows x 4 words hit 32 different banks
+# builds its m16n8k16 fragments from there (PTX's layout: a thread holds A's rows g and g+8 at k = 2t, 2t+1, 2t+8, 2t+9, and
+# B's column g at the same k, where g = lane / 4 and t = lane % 4). Both operands are read as uint32 words, two values each: a
+# pair along k is one word of a tile stored row-major (k contiguous), two half words of one stored k-major. On the H100 it ran
+# the gpu shape's 16384 x 512 x 1536 product in 165 us against 390 us for TC opts (cuBLAS: 45 us).
+MMA_PAD = 4   # words of padding per shared row: a warp's fragment reads then hit 32 different banks (or share a word)
 
 def _words(x:UOp) -> UOp:
   # a half or bfloat16 kernel input (..., K) as uint32 words (..., K/2): the same buffer, a new view of its slot
@@ -682,7 +682,8 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int):
     lane, w = UOp.range(32, 3, AxisType.WARP), UOp.range(WM * WN, 4, AxisType.LOCAL)
     tid, wm, wn, g, t = lane + 32 * w, w // WN, w % WN, lane // 4, lane % 4
     kt = UOp.range(K // BK, 6, AxisType.REDUCE)
-    # the block's tiles in their global layout, k-major ("t": (BK, rows/2)) or row-major (rows, BK/2), staged in shared memory
+    # the block's tiles of words in their global layout, staged in shared memory as they are: k-major (BK, rows/2) for A stored
+    # (K, M) and B stored (K, N), row-major (rows, BK/2) for A stored (M, K) and B stored (N, K)
     tile = lambda X, R, r, blk, km: (X.reshape(S, K // BK, BK, R // r, r // 2)[s, kt, :, blk, :] if km else
                                      X.reshape(R // r, r, S, K // BK, BK // 2)[blk, :, s, kt, :])
     a_g, b_g = tile(A, M, BM, bm, a_t), tile(B, N, BN, bn, not b_t)
