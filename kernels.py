@@ -2,8 +2,10 @@
 tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so one source runs on CUDA, Metal, OpenCL and CPU.
 
 Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref, a plain x @ w for
-linear); cfg.kernels switches the model between the two. `python bench.py check` validates every kernel against its reference
-on fresh random inputs and prints a table; `python bench.py kernels` times them on the default device.
+linear); cfg.kernels switches the model between the two. The last section is plain tinygrad: the weights that every token uses
+(norm weights, gate biases, the embedding, the conv), each its plain form with the gradient reduced per group of tokens.
+`python bench.py check` validates every kernel against its reference on fresh random inputs and prints a table; `python
+bench.py kernels` times them on the default device.
 
 One rule when using them: take gradients before realizing the forward. In tinygrad 0.14 realizing a custom kernel's output
 (loss.item(), print(loss.numpy())) replaces its graph with the buffer, and a later .backward() finds no path through the
