@@ -588,7 +588,9 @@ def tinymc_train(cfg:MCConfig, B:int, L:int, reps:int, profile:int=0) -> tuple[f
 def print_profile(kt:dict, top:int):
   # kernel_times of one step: the total, the sums by kind, the top slowest kernels
   by: dict[str, tuple[float, int]] = {}
-  for name, (t, n) in kt.items(): by[kind(name)] = (by.get(kind(name), (0.0, 0))[0] + t, by.get(kind(name), (0.0, 0))[1] + n)
+  for name, (t, n) in kt.items():
+    t0, n0 = by.get(k := kind(name), (0.0, 0))
+    by[k] = (t0 + t, n0 + n)
   print(f"  one step, each kernel synchronised: {sum(t for t, _ in kt.values()):.2f} ms in {sum(n for _, n in kt.values())} launches; "
         "by kind: " + ", ".join(f"{k} {t:.2f} ms ({n})" for k, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])))
   print(table(["kernel", "ms", "launches"], [[k, t, n] for k, (t, n) in sorted(kt.items(), key=lambda kv: -kv[1][0])[:top]]))

@@ -601,7 +601,8 @@ def cache_read(q:Tensor, o:Tensor, M:Tensor, z:Tensor, z_on:Tensor, reads:np.nda
 # y = x W for the model's projections, and its gradients dx = dy W^T and dW = x^T dy. dW reduces over every token of the batch (B*L
 # of them), where one thread per output walking all of them leaves most of the chip idle: it runs as S products over slices of the
 # tokens (split-K), summed after. On a GPU the products take hand-picked schedules (TILES): tensor-core tiles for half inputs on
-# CUDA, 4 x 8 outputs per thread for float32, and for a few rows (decoding) a thread per output column and slice of k.
+# CUDA (the hand-written _mma_fxn where the shapes tile by 32, else TC opts), 4 x 8 outputs per thread for float32, and for a few
+# rows (decoding) a thread per output column and slice of k.
 _TC = (8, 16, 16)   # CUDA's m16n8k16 tile (tinygrad's dims: N, M, K), for half and bfloat16 inputs with float32 accumulators
 
 def _tc_opts(S:int, M:int, N:int, K:int) -> tuple|None:

@@ -593,7 +593,7 @@ class Block:
   def mix_params(self) -> list[Tensor]: return [p for n, p in get_state_dict(self).items() if n not in ("norm2", "w1", "w2", "w3")]
 
 DECODE_LEN = 4096   # init_state's default max_len, and prefill's beyond the prompt: 8x the default preset's training context
-def _tensors(state:dict) -> list[Tensor]: return [st[x] for st in state["blocks"] for x in sorted(st)]   # a decode state's, in order
+def _tensors(blocks:list[dict]) -> list[Tensor]: return [x for st in blocks for x in st.values()]   # a decode state's buffers
 
 class Model:
   """Byte embedding -> n_layers blocks -> RMSNorm -> head tied to the embedding."""
@@ -624,14 +624,14 @@ class Model:
     state = self.init_state(toks.shape[0], T + DECODE_LEN if max_len is None else max_len)
     if T > state["max_len"]: raise ValueError(f"prefill: {T} tokens are past max_len={state['max_len']}")
     T0, out = T if self.cfg.mixer == "attn" else T // self.cfg.segment * self.cfg.segment, []
-    if T0: out, state["t"] = [self(Tensor(toks[:, :T0]), state).realize(*_tensors(state))], T0
+    if T0: out, state["t"] = [self(Tensor(toks[:, :T0]), state).realize(*_tensors(state["blocks"]))], T0
     if T0 < T: out.append(Tensor(np.stack([self.step(Tensor(toks[:, t]), state)[0].numpy() for t in range(T0, T)], 1)))
     return out[0].cat(*out[1:], dim=1), state
 
-  def _step(self, names:list, flat:list[Tensor], tokens:Tensor, pos:Variable) -> Tensor:
-    it, x = iter(flat), kernels.embed(self.emb, tokens.reshape(-1, 1)).cast(self.cfg.dtype)
-    for blk, ns in zip(self.blocks, names): x = blk(x, {name: next(it) for name in ns}, pos)
-    return self.head(x)[:, 0].realize(*flat)
+  def _step(self, blocks:list[dict], tokens:Tensor, pos:Variable) -> Tensor:
+    x = kernels.embed(self.emb, tokens.reshape(-1, 1)).cast(self.cfg.dtype)
+    for blk, st in zip(self.blocks, blocks): x = blk(x, st, pos)
+    return self.head(x)[:, 0].realize(*_tensors(blocks))
 
   def step(self, tokens:Tensor, state:dict) -> tuple[Tensor, dict]:
     """One token per sequence (B,) at position state["t"] -> logits (B,vocab) (alive until the state's next step) and the state,
@@ -641,8 +641,8 @@ class Model:
     if t >= max_len: raise ValueError(f"step: position {t} is past max_len={max_len}; prefill or init_state with a larger max_len")
     if tokens.shape != (B,): raise ValueError(f"step: tokens of shape {tokens.shape}, the state is for ({B},)")
     if state.get("model") is not self:
-      names, flat = [sorted(st) for st in state["blocks"]], _tensors(state)
-      state["model"], state["jit"] = self, TinyJit(lambda tokens, pos: self._step(names, flat, tokens, pos))
+      blocks = state["blocks"]
+      state["model"], state["jit"] = self, TinyJit(lambda tokens, pos: self._step(blocks, tokens, pos))
     state["t"] = t + 1
     return state["jit"](tokens.contiguous().realize(), Variable("pos", 0, max_len - 1).bind(t)), state
 
