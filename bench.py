@@ -163,6 +163,20 @@ def bench_linear(tokens:int, din:int, dout:int, dtype=dtypes.float, reps:int=20)
     rows.append((f"linear {name}", f"tokens={tokens} {din}x{dout} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
   return rows
 
+def bench_norm(rows:int, n:int, rms:bool, dtype=dtypes.float, reps:int=20) -> list[tuple]:
+  """Validate kernels.norm against the same norm in plain tinygrad (mc._norm's reference) on fresh random inputs, then time both:
+  forward, and forward+backward. Rows as bench_chunk_scan's; a half x's reference gets the same rounded x in float32."""
+  Tensor.manual_seed(0)
+  x, gy = Tensor.randn(rows, n).cast(dtype).realize(), Tensor.randn(rows, n).realize()
+  def fwd(fused, x): return [mc._norm(x, fused, 1e-6, rms)]
+  def step(fused, x): return [(y := mc._norm(x, fused, 1e-6, rms)), *(y * gy).sum().gradient(x)]
+  out = []
+  for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+    err, rel = _errors(_numpy(fn(False, x.float())), _numpy(fn(True, x)))
+    t = [time_ms(TinyJit(functools.partial(fn, fused)), x, reps=reps, warm=3) for fused in (False, True)]
+    out.append((f"norm {'rms' if rms else 'l2'} {name}", f"rows={rows} n={n} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
+  return out
+
 def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
                      reps:int=10) -> list[tuple]:
   """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
@@ -244,6 +258,11 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   for agg, dt, seg, k in READ_CASES:
     if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
       add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
+  # norm: the model's rows, a token's features (RMSNorm) and a head's (L2 of q and k), at the gpu preset's shape on a GPU
+  for dt in ("float32", "bfloat16"):
+    for n, rms in ((512, True), (64, False)):
+      if supported(dt) and (not only or any(o in f"norm {dt}" for o in only)):
+        add(bench_norm(64 if Device.DEFAULT == "CPU" else 16384 * 512 // n, n, rms, dtype=getattr(dtypes, dt), reps=reps), dt)
   # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, and
   # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles)
   for dt in ("float32", "bfloat16"):

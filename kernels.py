@@ -755,6 +755,63 @@ def linear(x:Tensor, w:Tensor) -> Tensor:
     return (None, _gemm(gy, wc, b_t=True).uop, _gemm(x2, gy, a_t=True).uop)
   return _gemm(x.reshape(-1, x.shape[-1]), w.cast(x.dtype), grad_fxn=bwd).reshape(*x.shape[:-1], w.shape[1])
 
+# **** norms ****
+# y_t = x_t * r(s_t) with s_t = x_t . x_t over a row's n features (RMSNorm's r = (s/n + eps)^-1/2; L2's 1 / max(sqrt(s), eps)). A row
+# reduction that tinygrad schedules itself gets a thread per row, or per few rows, walking all n features: its loads are strided
+# by n across the threads and too few threads run (RMSNorm forward and backward took 0.19 ms a launch for 16 MB at the gpu shape,
+# DEBUG=2 on an H200, where the memory allows ~5 us). Here `rowdot` reduces a row with several lanes whose loads are adjacent
+# (GROUP: partial sums meet in shared memory), and `mul_rows` scales the rows in a kernel of its own, whose gradient to r is a
+# rowdot again: a broadcast in plain tinygrad would have made that gradient one of tinygrad's row reductions.
+
+def _lanes(n:int) -> int: return next(u for u in (32, 16, 8, 4, 2, 1) if n % u == 0 and n // u >= min(n, 4))   # 4+ features a lane
+
+@functools.cache
+def _rowdot_fxn(T:int, n:int, local:bool):
+  # s[t] = sum_k a[t, k] b[t, k] in float32; with locals, _lanes(n) threads a row and 128 threads a block
+  def fxn(s:UOp, a:UOp, b:UOp) -> UOp:
+    t, k = UOp.range(T, 0), UOp.range(n, 1, AxisType.REDUCE)
+    acc = (a[t, k].cast(dtypes.float) * b[t, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+    lanes = _lanes(n)
+    rows = math.gcd(T, 128 // lanes)
+    opts = tuple([Opt(OptOps.GROUP, 0, lanes)] * (lanes > 1) + [Opt(OptOps.LOCAL, 0, rows)] * (rows > 1)) if local else ()
+    return s[t].store(acc).end(t).sink(arg=KernelInfo(name="rowdot", opts_to_apply=opts))
+  return fxn
+
+def rowdot(a:Tensor, b:Tensor) -> Tensor:
+  """(..., n) . (..., n) -> (...) float32, the sum over the last axis of a * b; its gradient is (g a, g b) by plain broadcasts."""
+  n = a.shape[-1]
+  T, local = math.prod(a.shape[:-1]), _renderer(a.device).has_local
+  def bwd(g:UOp, call:UOp) -> tuple:
+    _, a2, b2 = (Tensor(u) for u in call.src[1:])
+    g = Tensor(g).unsqueeze(-1)
+    return (None, (g * b2.float()).cast(a2.dtype).uop, (g * a2.float()).cast(b2.dtype).uop)
+  s = Tensor.empty(T, device=a.device).custom_kernel(*_c(a.reshape(T, n), b.reshape(T, n)), fxn=_rowdot_fxn(T, n, local), grad_fxn=bwd)[0]
+  return s.reshape(a.shape[:-1])
+
+@functools.cache
+def _mul_rows_fxn(T:int, n:int):
+  # y[t, k] = x[t, k] r[t] in float32 (tinygrad's own elementwise schedule)
+  def fxn(y:UOp, x:UOp, r:UOp) -> UOp:
+    t, k = UOp.range(T, 0), UOp.range(n, 1)
+    return y[t, k].store(x[t, k].cast(dtypes.float) * r[t]).end(t, k).sink(arg=KernelInfo(name="mul_rows"))
+  return fxn
+
+def mul_rows(x:Tensor, r:Tensor) -> Tensor:
+  """x (..., n) times r (...), one factor per row -> float32; the gradient to r is rowdot(dy, x)."""
+  T, n = math.prod(x.shape[:-1]), x.shape[-1]
+  def bwd(g:UOp, call:UOp) -> tuple:
+    _, x2, r2 = (Tensor(u) for u in call.src[1:])
+    g = Tensor(g)
+    return (None, (g * r2.unsqueeze(-1)).cast(x2.dtype).uop, rowdot(g, x2).uop)
+  y = Tensor.empty(T, n, device=x.device).custom_kernel(*_c(x.reshape(T, n), r.float().reshape(T)), fxn=_mul_rows_fxn(T, n), grad_fxn=bwd)[0]
+  return y.reshape(x.shape)
+
+def norm(x:Tensor, eps:float, rms:bool=True) -> Tensor:
+  """x (..., n) -> float32 x * r over its last axis: RMSNorm without its weight (r = (mean x^2 + eps)^-1/2) or, rms=False,
+  L2 normalisation (r = 1 / max(|x|, eps), as Tensor.normalize). Its reference is the same expression in plain tinygrad."""
+  s = rowdot(x, x)
+  return mul_rows(x, (s / x.shape[-1] + eps).rsqrt() if rms else s.sqrt().maximum(eps).reciprocal())
+
 # **** weights that every token uses ****
 # A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
 # GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over

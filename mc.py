@@ -470,8 +470,11 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
 def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
   return kernels.linear(x, w) if fused and kernels.linear_applies(x) else (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-(b := scale / math.sqrt(fan_in)), high=b)
-def _rms(x:Tensor, w:Tensor, eps:float=1e-6) -> Tensor:
-  return kernels.scale(x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt(), w).cast(x.dtype)
+def _norm(x:Tensor, fused:bool, eps:float, rms:bool=True) -> Tensor:
+  # over the last axis in float32: RMSNorm without its weight, or L2 normalisation (rms=False); fused: kernels.norm, same results
+  if fused: return kernels.norm(x, eps, rms)
+  return x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() if rms else x.float().normalize(dim=-1, eps=eps)
+def _rms(x:Tensor, w:Tensor, fused:bool) -> Tensor: return kernels.scale(_norm(x, fused, 1e-6), w).cast(x.dtype)
 def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
@@ -495,8 +498,10 @@ class Memory:
   def _inputs(self, h:Tensor, qkv:Tensor):
     # post-conv q,k,v (B,L,3dim) -> heads, L2-normalised q,k, the connector u and the gates, all (B,H,L,...)
     H = self.cfg.n_heads
-    q, k, v = (_heads(x, H) for x in qkv.silu().chunk(3, dim=-1))
-    q, k = q.float().normalize(dim=-1).cast(h.dtype), k.float().normalize(dim=-1).cast(h.dtype)
+    q, k, v = qkv.silu().chunk(3, dim=-1)
+    # q, k L2-normalised per head, as (B,L,H,D) rows: each row's D features adjacent in memory
+    q, k = (_norm(x.reshape(*x.shape[:2], H, -1), self.cfg.kernels, 1e-12, rms=False).cast(h.dtype).reshape(x.shape) for x in (q, k))
+    q, k, v = (_heads(x, H) for x in (q, k, v))
     u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
     if not self.gate_names: return q, k, v, u, {}
     g = kernels.scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
@@ -573,19 +578,19 @@ class Block:
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
     # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
-    y = _rms(y, self.onorm).transpose(1, 2).reshape(*h.shape)
+    y = _rms(y, self.onorm, self.fused).transpose(1, 2).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate, self.fused).silu(), self.wo, self.fused)
 
   def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:
     # the token mixer with its residual, no MLP (the layer that the memory-caching package's MemoryCachingLayer is); st: a decode
     # state to fill (prefill), or with the position pos, to step one token x (B,1,dim) through
-    h = _rms(x, self.norm1)
+    h = _rms(x, self.norm1, self.fused)
     qkv = _lin(h, self.wqkv, self.fused)                                      # q, k, v = x W (Eq. 4)
     return self._out(x, h, self.mixer(h, qkv, st) if pos is None else self.mixer.step(h, qkv, st, pos))
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
-    h = _rms(x, self.norm2)
+    h = _rms(x, self.norm2, self.fused)
     return x + _lin(_lin(h, self.w1, self.fused).silu() * _lin(h, self.w3, self.fused), self.w2, self.fused)
 
   def __call__(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor: return self.mlp(self.mix(x, st, pos))
@@ -603,7 +608,8 @@ class Model:
     self.blocks = [Block(cfg) for _ in range(cfg.n_layers)]
     self.norm = Tensor.ones(cfg.dim)
 
-  def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm).float(), self.emb.T, self.cfg.kernels)   # logits (B,L,vocab)
+  # logits (B,L,vocab) in float32, the product in the activation dtype (float32 accumulators), as PyTorch's autocast computes it
+  def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm, self.cfg.kernels), self.emb.T, self.cfg.kernels).float()
 
   def __call__(self, tokens:Tensor, state:dict|None=None) -> Tensor:
     # tokens (B,L) int -> logits (B,L,vocab) float32; state: a decode state that receives the memory after the last token (prefill)
