@@ -23,7 +23,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import get_parameters, get_state_dict
 import mc, train
-from kernels import cache_read, chunk_scan, linear, supported
+from kernels import cache_read, causal_conv, chunk_scan, linear, segment_mean, supported
 from mc import CORES, Block, MCConfig, Model
 
 @dataclass
@@ -163,6 +163,20 @@ def bench_linear(tokens:int, din:int, dout:int, dtype=dtypes.float, reps:int=20)
     rows.append((f"linear {name}", f"tokens={tokens} {din}x{dout} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
   return rows
 
+def bench_tokens(name:str, shape:str, ref, ker, ins:list[Tensor], reps:int=20) -> list[tuple]:
+  """Validate ker against ref, each f(*ins) -> one Tensor (causal_conv, segment_mean), on the inputs given, then time both: forward,
+  and forward+backward to every input. Rows as bench_chunk_scan's; a half input's reference gets it in float32."""
+  Tensor.manual_seed(1)
+  gy = Tensor.randn(*ins[0].shape).realize()   # the output has the first input's shape
+  def fwd(f, *xs): return [f(*xs)]
+  def step(f, *xs): return [(y := f(*xs)), *(y.float() * gy).sum().gradient(*xs)]
+  rows = []
+  for nm, fn in (("fwd", fwd), ("fwd+bwd", step)):
+    err, rel = _errors(_numpy(fn(ref, *[x.float() for x in ins])), _numpy(fn(ker, *ins)))
+    t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (ref, ker)]
+    rows.append((f"{name} {nm}", shape, err, rel, *t))
+  return rows
+
 def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
                      reps:int=10) -> list[tuple]:
   """Validate cache_read against mc.cache_read_ref on fresh random inputs, then time both (TinyJit, synchronized, median of reps):
@@ -244,6 +258,17 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   for agg, dt, seg, k in READ_CASES:
     if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
       add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
+  # the conv on q, k, v at the gpu preset's qkv (16, 1024, 1536), and its keys' online segment means (B,H,L,D) = (16, 8, 1024, 64)
+  B, L, C, H, D = (2, sh["L"], 48, sh["H"], sh["D"]) if Device.DEFAULT == "CPU" else (16, 1024, 1536, 8, 64)
+  for dt in ("float32", "bfloat16"):
+    if supported(dt) and (not only or any(o in f"causal_conv {dt}" for o in only)):
+      Tensor.manual_seed(0)
+      x, w = Tensor.randn(B, L, C).cast(dt).realize(), (Tensor.randn(4, C) / 2).cast(dt).realize()
+      add(bench_tokens("causal_conv", f"B={B} L={L} C={C} W=4 {dt}", mc.causal_conv_ref, causal_conv, [x, w], reps), dt)
+  if not only or any(o in "segment_mean float32" for o in only):
+    k, seg = Tensor.randn(B, H, L, D).realize(), sh["segment"] if Device.DEFAULT == "CPU" else 256
+    add(bench_tokens("segment_mean", f"B={B} H={H} L={L} D={D} C={seg} float32", lambda k: mc.online_pool(k, seg), lambda k: segment_mean(k, seg),
+                     [k], reps), "float32")
   # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, and
   # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles)
   for dt in ("float32", "bfloat16"):
@@ -562,7 +587,7 @@ def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
   return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 def kind(name:str) -> str:
-  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc), tinygrad's elementwise
+  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc, conv, segment), tinygrad's elementwise
   # (E_...) and reduce (r_...) kernels
   return {"E": "elementwise", "r": "reduce"}.get(w := name.split()[0].split("_")[0], w)
 
