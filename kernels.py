@@ -831,9 +831,10 @@ def causal_conv(x:Tensor, w:Tensor) -> Tensor:
 @functools.cache
 def _segment_mean_fxn(shape:tuple, C:int, rev:bool, g:_Grid):
   # a thread per (row, segment, d), lanes along d, keeping a float32 sum over the segment's tokens: forward, p_t = sum / count;
-  # rev (the gradient), backwards from the segment's end, dk_t = sum of dp / count. U tokens a step: their loads are independent.
-  # Both buffers, (N, L, D), come flat (_gated): the last segment may end early
-  U = math.gcd(C, 16)
+  # rev (the gradient), backwards from the segment's end, dk_t = sum of dp / count. U tokens a step, whose loads are independent:
+  # the gpu preset has only 32K such threads, and 32 loads of each in flight (4 MB) are about what HBM needs to stream. Both
+  # buffers, (N, L, D), come flat (_gated): the last segment may end early
+  U = math.gcd(C, 32)
   N, L, D = shape
   def fxn(out:UOp, x:UOp) -> UOp:
     n, s = UOp.range(N, 0), UOp.range(-(-L // C), 1)
