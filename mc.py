@@ -214,7 +214,7 @@ def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   return kernels.const(sel, k.device) @ ksum
 
 def online_pool(k:Tensor, C:int) -> Tensor:
-  # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D)
+  # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D): the reference of kernels.segment_mean
   B, H, L, D = k.shape
   ns = -(-L // C)
   # the running mean as a (C, C) lower-triangular averaging matmul: tinygrad's cumsum of a C-long axis is a windowed reduce
