@@ -23,7 +23,7 @@ import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import get_parameters, get_state_dict
 import mc, train
-from kernels import cache_read, chunk_scan, linear, supported
+from kernels import cache_read, causal_conv, chunk_scan, linear, segment_mean, supported
 from mc import CORES, Block, MCConfig, Model
 
 @dataclass
@@ -163,19 +163,19 @@ def bench_linear(tokens:int, din:int, dout:int, dtype=dtypes.float, reps:int=20)
     rows.append((f"linear {name}", f"tokens={tokens} {din}x{dout} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
   return rows
 
-def bench_norm(rows:int, n:int, rms:bool, dtype=dtypes.float, reps:int=20) -> list[tuple]:
-  """Validate kernels.norm against the same norm in plain tinygrad (mc._norm's reference) on fresh random inputs, then time both:
-  forward, and forward+backward. Rows as bench_chunk_scan's; a half x's reference gets the same rounded x in float32."""
-  Tensor.manual_seed(0)
-  x, gy = Tensor.randn(rows, n).cast(dtype).realize(), Tensor.randn(rows, n).realize()
-  def fwd(fused, x): return [mc._norm(x, fused, 1e-6, rms)]
-  def step(fused, x): return [(y := mc._norm(x, fused, 1e-6, rms)), *(y * gy).sum().gradient(x)]
-  out = []
-  for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-    err, rel = _errors(_numpy(fn(False, x.float())), _numpy(fn(True, x)))
-    t = [time_ms(TinyJit(functools.partial(fn, fused)), x, reps=reps, warm=3) for fused in (False, True)]
-    out.append((f"norm {'rms' if rms else 'l2'} {name}", f"rows={rows} n={n} {repr(dtype).removeprefix('dtypes.')}", err, rel, *t))
-  return out
+def bench_tokens(name:str, shape:str, ref, ker, ins:list[Tensor], reps:int=20) -> list[tuple]:
+  """Validate ker against ref, each f(*ins) -> one Tensor (causal_conv, segment_mean), on the inputs given, then time both: forward,
+  and forward+backward to every input. Rows as bench_chunk_scan's; a half input's reference gets it in float32."""
+  Tensor.manual_seed(1)
+  gy = Tensor.randn(*ins[0].shape).realize()   # the output has the first input's shape
+  def fwd(f, *xs): return [f(*xs)]
+  def step(f, *xs): return [(y := f(*xs)), *(y.float() * gy).sum().gradient(*xs)]
+  rows = []
+  for nm, fn in (("fwd", fwd), ("fwd+bwd", step)):
+    err, rel = _errors(_numpy(fn(ref, *[x.float() for x in ins])), _numpy(fn(ker, *ins)))
+    t = [time_ms(TinyJit(functools.partial(fn, f)), *ins, reps=reps, warm=3) for f in (ref, ker)]
+    rows.append((f"{name} {nm}", shape, err, rel, *t))
+  return rows
 
 def bench_cache_read(B:int=4, H:int=16, D:int=64, segment:int=256, cases:tuple|None=None, topk:int=2, ref_max_L:int=8192,
                      reps:int=10) -> list[tuple]:
@@ -258,11 +258,25 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   for agg, dt, seg, k in READ_CASES:
     if supported(dt) and (not only or any(o in f"cache_read {agg} {seg} {dt} top{k}" for o in only)):
       add(bench_cache_read(sh["B"], sh["H"], sh["D"], sh["segment"], ((agg, sh["L"], dt, seg, k),), reps=reps), dt)
-  # norm: the model's rows, a token's features (RMSNorm) and a head's (L2 of q and k), at the gpu preset's shape on a GPU
+  # the conv on q, k, v at the gpu preset's qkv (16, 1024, 1536), and its keys' online segment means (B,H,L,D) = (16, 8, 1024, 64)
+  B, L, C, H, D = (2, sh["L"], 48, sh["H"], sh["D"]) if Device.DEFAULT == "CPU" else (16, 1024, 1536, 8, 64)
+  for dt in ("float32", "bfloat16"):
+    if supported(dt) and (not only or any(o in f"causal_conv {dt}" for o in only)):
+      Tensor.manual_seed(0)
+      x, w = Tensor.randn(B, L, C).cast(dt).realize(), (Tensor.randn(4, C) / 2).cast(dt).realize()
+      add(bench_tokens("causal_conv", f"B={B} L={L} C={C} W=4 {dt}", mc.causal_conv_ref, causal_conv, [x, w], reps), dt)
+  if not only or any(o in "segment_mean float32" for o in only):
+    k, seg = Tensor.randn(B, H, L, D).realize(), sh["segment"] if Device.DEFAULT == "CPU" else 256
+    add(bench_tokens("segment_mean", f"B={B} H={H} L={L} D={D} C={seg} float32", lambda k: mc.online_pool(k, seg), lambda k: segment_mean(k, seg),
+                     [k], reps), "float32")
+  # norm: a token's features (RMSNorm) and a head's (L2 of q and k), at the gpu preset's rows on a GPU
   for dt in ("float32", "bfloat16"):
     for n, rms in ((512, True), (64, False)):
       if supported(dt) and (not only or any(o in f"norm {dt}" for o in only)):
-        add(bench_norm(64 if Device.DEFAULT == "CPU" else 16384 * 512 // n, n, rms, dtype=getattr(dtypes, dt), reps=reps), dt)
+        rows_n, kind = 64 if Device.DEFAULT == "CPU" else 16384 * 512 // n, "rms" if rms else "l2"
+        x = Tensor.randn(rows_n, n).cast(dt).realize()
+        ref, ker = (functools.partial(mc._norm, fused=f, eps=1e-6, rms=rms) for f in (False, True))
+        add(bench_tokens(f"norm {kind}", f"rows={rows_n} n={n} {dt}", ref, ker, [x], reps), dt)
   # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, and
   # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles)
   for dt in ("float32", "bfloat16"):
@@ -581,7 +595,7 @@ def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
   return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 def kind(name:str) -> str:
-  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc), tinygrad's elementwise
+  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc, conv, segment), tinygrad's elementwise
   # (E_...) and reduce (r_...) kernels
   return {"E": "elementwise", "r": "reduce"}.get(w := name.split()[0].split("_")[0], w)
 

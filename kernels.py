@@ -2,8 +2,9 @@
 tinymc fused kernels, written as tinygrad UOp kernels (Tensor.custom_kernel) so one source runs on CUDA, Metal, OpenCL and CPU.
 
 Their plain-tinygrad references live beside their caller in mc.py (mc.linear_scan, mc.cache_read_ref, a plain x @ w for
-linear); cfg.kernels switches the model between the two. The last section is plain tinygrad: the weights that every token uses
-(norm weights, gate biases, the embedding, the conv), each its plain form with the gradient reduced per group of tokens.
+linear, mc.causal_conv_ref, mc.online_pool); cfg.kernels switches the model between the two. The last section is plain tinygrad:
+the weights that every token uses (norm weights, gate biases, the embedding), each its plain form with the gradient reduced per
+group of tokens.
 `python bench.py check` validates every kernel against its reference on fresh random inputs and prints a table; `python
 bench.py kernels` times them on the default device.
 
@@ -763,15 +764,15 @@ def linear(x:Tensor, w:Tensor) -> Tensor:
 # (GROUP: partial sums meet in shared memory), and `mul_rows` scales the rows in a kernel of its own, whose gradient to r is a
 # rowdot again: a broadcast in plain tinygrad would have made that gradient one of tinygrad's row reductions.
 
-def _lanes(n:int) -> int: return next(u for u in (32, 16, 8, 4, 2, 1) if n % u == 0 and n // u >= min(n, 4))   # 4+ features a lane
+def _row_lanes(n:int) -> int: return next(u for u in (32, 16, 8, 4, 2, 1) if n % u == 0 and n // u >= min(n, 4))   # 4+ features a lane
 
 @functools.cache
 def _rowdot_fxn(T:int, n:int, local:bool):
-  # s[t] = sum_k a[t, k] b[t, k] in float32; with locals, _lanes(n) threads a row and 128 threads a block
+  # s[t] = sum_k a[t, k] b[t, k] in float32; with locals, _row_lanes(n) threads a row and 128 threads a block
   def fxn(s:UOp, a:UOp, b:UOp) -> UOp:
     t, k = UOp.range(T, 0), UOp.range(n, 1, AxisType.REDUCE)
     acc = (a[t, k].cast(dtypes.float) * b[t, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
-    lanes = _lanes(n)
+    lanes = _row_lanes(n)
     rows = math.gcd(T, 128 // lanes)
     opts = tuple([Opt(OptOps.GROUP, 0, lanes)] * (lanes > 1) + [Opt(OptOps.LOCAL, 0, rows)] * (rows > 1)) if local else ()
     return s[t].store(acc).end(t).sink(arg=KernelInfo(name="rowdot", opts_to_apply=opts))
@@ -812,10 +813,117 @@ def norm(x:Tensor, eps:float, rms:bool=True) -> Tensor:
   s = rowdot(x, x)
   return mul_rows(x, (s / x.shape[-1] + eps).rsqrt() if rms else s.sqrt().maximum(eps).reciprocal())
 
+# **** causal_conv ****
+# The causal depthwise conv on q, k, v, y_t = sum_i w_i x_{t-W+1+i} per channel (zeros before the first token), and both its
+# gradients. tinygrad's own schedules gave these few threads and strided loads (7.9 ms of the gpu preset's step on an H200,
+# 5.3 ms of it the weight gradient): here every thread's lanes run along the channels, which are contiguous.
+
+def _lanes(n:int, rid:int, g:_Grid, most:int=128) -> tuple[UOp, tuple[UOp, ...]]:
+  # an axis of n as blocks of up to `most` lanes (LOCAL; plain loops without locals)
+  u = math.gcd(n, most)
+  outer, inner = UOp.range(n // u, rid), UOp.range(u, rid + 1, g.lanes)
+  return outer * u + inner, (outer, inner)
+
+def _gated(buf:UOp, shape:tuple, idx:tuple, ok:UOp) -> UOp:
+  # buf, a flat kernel input, at idx of shape where ok (a load reads 0 elsewhere, a store writes nothing). Flat: indexing a shaped
+  # buffer, tinygrad 0.14 drops a gate that it has simplified to a bound on a range the index no longer uses (t < L pinning s = 0)
+  lin = UOp.const(0, dtypes.weakint)
+  for i, n in zip(idx, shape): lin = lin * n + i
+  return buf[lin.valid(ok)]
+
+@functools.cache
+def _conv_fxn(flip:bool, g:_Grid):
+  # y_t = sum_i w_i x_{t-W+1+i}, or flip (the input gradient) dx_t = sum_i w_i dy_{t+W-1-i}, both zero outside the sequence: a
+  # thread per R tokens of one channel, which loads each of the R + W - 1 inputs it reads once; x comes flat (_gated)
+  def fxn(y:UOp, x:UOp, w:UOp) -> UOp:
+    (B, L, C), W = y.shape, w.shape[0]
+    R = math.gcd(L, 4)
+    b, tr = UOp.range(B, 0), UOp.range(L // R, 1)
+    c, thread = _lanes(C, 2, g)
+    def inp(o:int) -> UOp:
+      t = tr * R + o
+      return _gated(x, y.shape, (b, t, c), t < L if flip else t >= 0).cast(dtypes.float)
+    ws = [w[i, c].cast(dtypes.float) for i in range(W)]
+    ys = [sum(ws[i] * inp(r + (W - 1 - i if flip else i - W + 1)) for i in range(W)) for r in range(R)]
+    st = UOp.group(*[y[b, tr * R + r, c].store(v.cast(y.dtype)) for r, v in enumerate(ys)])
+    return _sink(st.end(b, tr, *thread), "conv_dx" if flip else "conv")
+  return fxn
+
+_CONV_GROUP = 128   # tokens per thread of the weight gradient: the gpu preset's (16, 1024, 1536) gets 196K threads
+
+@functools.cache
+def _conv_dw_fxn(L:int, T:int, g:_Grid):
+  # dwp[b, j, i, c] = sum over the T tokens t of group j of sequence b of dy_t x_{t-W+1+i}: a thread per (group, channel), lanes
+  # along the channels, walking its tokens (unrolled by 4) with W float32 accumulators; dy and x come flat, the caller sums the groups
+  def fxn(dwp:UOp, dy:UOp, x:UOp) -> UOp:
+    B, ng, W, C = dwp.shape
+    b, j = UOp.range(B, 0), UOp.range(ng, 1)
+    c, thread = _lanes(C, 2, g)
+    i, u = UOp.range(W, 4, AxisType.UPCAST), math.gcd(T, 4)
+    to, tu = _red(T // u, 5), (UOp.range(u, 6, AxisType.UNROLL) if u > 1 else UOp.const(0, dtypes.weakint))
+    t = j * T + to * u + tu
+    ts = t - W + 1 + i
+    val = _gated(dy, (B, L, C), (b, t, c), t < L).cast(dtypes.float) * _gated(x, (B, L, C), (b, ts, c), (ts >= 0) & (t < L)).cast(dtypes.float)
+    return _sink(dwp[b, j, i, c].store(_reduce(val, to, tu)).end(b, j, *thread, i), "conv_dw")
+  return fxn
+
+def causal_conv(x:Tensor, w:Tensor) -> Tensor:
+  """mc.causal_conv_ref as kernels: x (B,L,C) of any float dtype and w (W,C) -> y_t = sum_i w_i x_{t-W+1+i} (B,L,C) in x's dtype,
+  accumulated in float32. Its gradients: dx by the same kernel run backwards, dw from partial sums over groups of tokens."""
+  (B, L, C), W, g = x.shape, w.shape[0], _grid(x.device)
+  def bwd(gy:UOp, call:UOp) -> tuple:
+    _, xf, w = (Tensor(u) for u in call.src[1:])
+    gy, T = Tensor(gy).contiguous().flatten(), min(L, _CONV_GROUP)
+    dx = _run(_conv_fxn(True, g), [Tensor.empty(B, L, C, dtype=x.dtype, device=x.device)], [gy, w])[0]
+    dwp = _run(_conv_dw_fxn(L, T, g), [Tensor.empty(B, -(-L // T), W, C, device=x.device)], [gy, xf])[0]
+    return (None, dx.flatten().uop, dwp.sum(1).contiguous().sum(0).cast(w.dtype).uop)
+  y = Tensor.empty(B, L, C, dtype=x.dtype, device=x.device)
+  return y.custom_kernel(*_c(x.flatten(), w.cast(x.dtype)), fxn=_conv_fxn(False, g), grad_fxn=bwd)[0]
+
+# **** segment_mean ****
+# The online summary p_t = mean of k_j over j in [sC, t] for the segment s containing t (mc.online_pool), and its gradient
+# dk_j = sum_{t >= j in j's segment} dp_t / (t - sC + 1), as running sums: O(L D) where the reference's (C, C) averaging matmul
+# is O(L C D) (5.2 ms of the gpu preset's step on an H200).
+
+@functools.cache
+def _segment_mean_fxn(shape:tuple, C:int, rev:bool, g:_Grid):
+  # a thread per (row, segment, d), lanes along d, keeping a float32 sum over the segment's tokens: forward, p_t = sum / count;
+  # rev (the gradient), backwards from the segment's end, dk_t = sum of dp / count. U tokens a step, whose loads are independent:
+  # the gpu preset has only 32K such threads, and 32 loads of each in flight (4 MB) are about what HBM needs to stream. Both
+  # buffers, (N, L, D), come flat (_gated): the last segment may end early
+  U = math.gcd(C, 32)
+  N, L, D = shape
+  def fxn(out:UOp, x:UOp) -> UOp:
+    n, s = UOp.range(N, 0), UOp.range(-(-L // C), 1)
+    d, thread = _lanes(D, 2, g)
+    step = UOp.range(C // U, 4, AxisType.LOOP)
+    acc = UOp.placeholder((1,), dtypes.float, 0, addrspace=AddrSpace.REG)
+    acc = acc.after(n, s, *thread)[0].set(0.0)
+    run, stores = acc.after(step)[0], []
+    for u in range(U):
+      i = C - 1 - (step * U + u) if rev else step * U + u    # the token's place in its segment
+      t, inv = s * C + i, (i + 1).cast(dtypes.float).reciprocal()
+      xt = _gated(x, (N, L, D), (n, t, d), t < L).cast(dtypes.float)
+      run = run + (xt * inv if rev else xt)
+      stores.append(_gated(out, (N, L, D), (n, t, d), t < L).store(run if rev else run * inv))
+    loop = UOp.group(*stores, acc[0].store(run)).end(step)
+    return _sink(loop.end(n, s, *thread), "segment_mean_bwd" if rev else "segment_mean")
+  return fxn
+
+def segment_mean(k:Tensor, C:int) -> Tensor:
+  """mc.online_pool as a kernel: p_t = mean of k_j over j in [sC, t], s = t // C, for k (B,H,L,D) of any float dtype -> float32."""
+  B, H, L, D = k.shape
+  sh, g = (B * H, L, D), _grid(k.device)
+  def bwd(gp:UOp, call:UOp) -> tuple:
+    dk = _run(_segment_mean_fxn(sh, C, True, g), [Tensor.empty(B * H * L * D, device=k.device)], [Tensor(gp).contiguous()])[0]
+    return (None, dk.cast(call.src[2].dtype).uop)
+  p = Tensor.empty(B * H * L * D, device=k.device).custom_kernel(k.flatten().contiguous(), fxn=_segment_mean_fxn(sh, C, False, g), grad_fxn=bwd)[0]
+  return p.reshape(B, H, L, D)
+
 # **** weights that every token uses ****
 # A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
 # GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over
-# groups). Each is its plain form (x * w, emb[tokens], u @ p^T, the conv) with only the gradient's schedule changed.
+# groups). Each is its plain form (x * w, emb[tokens], u @ p^T) with only the gradient's schedule changed.
 
 def _token_groups(T:int) -> int:
   # groups of at least 256 rows: the largest power of two that divides T and leaves that many
@@ -843,13 +951,3 @@ def logits(u:Tensor, p:Tensor) -> Tensor:
   B, H, L, D = u.shape
   pg = p.unsqueeze(2).expand(B, H, G := _token_groups(L), *p.shape[2:]).contiguous_backward()
   return (u.reshape(B, H, G, L // G, D) @ pg.transpose(-1, -2)).reshape(B, H, L, p.shape[2])
-
-def causal_conv(x:Tensor, w:Tensor) -> Tensor:
-  """Causal depthwise conv, x (B,L,C) and w (W,C) -> y_t = sum_i w_i x_{t-W+1+i} (B,L,C). Made once, its gradient too: else each
-  reduction that reads it recomputes it (at the gpu preset's shape the q and k norms' 24 such kernels took 4.1 ms of the step, and
-  the conv's backward was one 13-input kernel of 2.8 ms; DEBUG=2, H100)."""
-  (B, L, C), W = x.shape, w.shape[0]
-  xp, G = x.pad((None, (W - 1, 0), None)), _token_groups(L)
-  wb = w.reshape(1, 1, W, C).expand(B, G, W, C).contiguous_backward()
-  y = sum(xp[:, i:i + L].reshape(B, G, L // G, C) * wb[:, :, i:i + 1] for i in range(W)).reshape(B, L, C)
-  return y.contiguous().contiguous_backward()

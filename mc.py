@@ -214,7 +214,7 @@ def pooled(k:Tensor, blocks:list, C:int) -> Tensor:
   return kernels.const(sel, k.device) @ ksum
 
 def online_pool(k:Tensor, C:int) -> Tensor:
-  # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D)
+  # p_t^on = mean of k_j over j in [sC, t], causal inside the token's segment (B,H,L,D): the reference of kernels.segment_mean
   B, H, L, D = k.shape
   ns = -(-L // C)
   # the running mean as a (C, C) lower-triangular averaging matmul: tinygrad's cumsum of a C-long axis is a windowed reduce
@@ -352,7 +352,8 @@ def memory_mix(q:Tensor, k:Tensor, v:Tensor, u:Tensor, gates:dict, cfg:MCConfig,
   if not blocks: return o.cast(dt)                                           # no segment is complete: nothing is cached yet
   cache["p"] = pooled(k, blocks, C).contiguous()                           # read by every token: made once
   if state is not None: _fill(state, cfg, blocks, reads[-1], cache, k, v, gates, init, L)
-  return read_cache(cfg, q, o, u, cache, online_pool(k, C), reads[:-(-L // C)], C, fused, online).cast(dt)
+  p_on = (kernels.segment_mean if fused else online_pool)(k, C)                # Eq. 10's online summary (B,H,L,D)
+  return read_cache(cfg, q, o, u, cache, p_on, reads[:-(-L // C)], C, fused, online).cast(dt)
 
 # ***** the recurrence token by token: decoding, and the obviously-right reference of memory_mix *****
 
@@ -476,6 +477,10 @@ def _norm(x:Tensor, fused:bool, eps:float, rms:bool=True) -> Tensor:
   return x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() if rms else x.float().normalize(dim=-1, eps=eps)
 def _rms(x:Tensor, w:Tensor, fused:bool) -> Tensor: return kernels.scale(_norm(x, fused, 1e-6), w).cast(x.dtype)
 def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
+# the causal depthwise conv on q, k, v (B,L,C): y_t = sum_i w_i x_{t-W+1+i} per channel, zeros before the first token. Made once, its
+# gradient too: else every reduction that reads it (the q and k norms) recomputes it. The reference of kernels.causal_conv
+def causal_conv_ref(x:Tensor, w:Tensor) -> Tensor:
+  return sum(x.pad((None, (w.shape[0] - 1, 0), None))[:, i:i + x.shape[1]] * w[i] for i in range(w.shape[0])).contiguous().contiguous_backward()
 
 # gate biases at init: sigmoid(4.6) ~ 0.99 for retention a, sigmoid(-2.2) ~ 0.1 for the inner learning rate e
 GATE_BIAS = {"a": 4.6, "b": 0.0, "l": 0.0, "e": -2.2}
@@ -511,7 +516,7 @@ class Memory:
     # st: a decode state to fill with the memory after the last token (prefill)
     w, L = self.cfg.conv, qkv.shape[1]
     if st is not None and w: st["conv"].assign(qkv.pad((None, (st["conv"].shape[1], 0), None))[:, L:].float())
-    if w: qkv = kernels.causal_conv(qkv, self.conv.cast(qkv.dtype))   # y_t = sum_i w_i x_{t-w+1+i}, per channel
+    if w: qkv = (kernels.causal_conv if self.cfg.kernels else causal_conv_ref)(qkv, self.conv.cast(qkv.dtype))
     return memory_mix(*self._inputs(h, qkv), self.cfg, self.W0, st)
 
   def init_state(self, B:int, max_len:int) -> dict: return mem_init(self.cfg, B, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, self.W0, max_len)

@@ -27,6 +27,6 @@ def test_norm(shape, rms): _check(shape, rms)
 
 def test_norm_lanes_emulated():
   # the GPU's schedule: 32 lanes a row of 512 (16 features each), 4 lanes a row of 24, on tinygrad's Python emulator of CUDA
-  assert kernels._lanes(512) == 32 and kernels._lanes(24) == 4 and kernels._lanes(7) == 1
+  assert kernels._row_lanes(512) == 32 and kernels._row_lanes(24) == 4 and kernels._row_lanes(7) == 1
   with Context(DEV="PYTHON::sm_80"):
     for shape, rms in (((8, 512), True), ((2, 3, 24), False)): _check(shape, rms, seed=1)
