@@ -743,8 +743,13 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
       body = UOp.group(*[copy(d.after(done)[(kt + 1) % nbuf, :, :], r.after(*fill), 22 + 2 * i, loop=False)
                          for i, (d, r) in enumerate(zip(sh, regs))]).barrier()
     acc = acc.after(body.end(kt))
-    out = C.reshape(S, M // BM, WM, TM, 2, 8, N // BN, WN, TN, 4, 2)[s, bm, wm, :, :, g, bn, wn, :, t, :].permute((0, 2, 1, 3))
-    st = out.store(acc.reshape(TM, TN, 2, 2).cast(C.dtype)).end(lane, w, s, bm, bn)
+    # a thread's outputs: rows g and g + 8 of each tile, columns 2t and 2t + 1 (float32: one 8-byte store; half: one word)
+    val = acc.reshape(TM, TN, 2, 2).cast(C.dtype)
+    if C.dtype != dtypes.float:
+      C, val = _words(C), val.bitcast(dtypes.uint16).cast(dtypes.uint32)
+      val = val[:, :, :, 0] | (val[:, :, :, 1] << 16)
+    out = C.reshape(S, M // BM, WM, TM, 2, 8, N // BN, WN, TN, 4, -1)[s, bm, wm, :, :, g, bn, wn, :, t, :].permute((0, 2, 1, 3))
+    st = out.store(val.reshape(out.shape)).end(lane, w, s, bm, bn)
     return st.sink(arg=KernelInfo(name=f"mma{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=()))
   return fxn
 
