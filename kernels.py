@@ -695,7 +695,8 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
     # the lane a WARP axis (threadIdx.x), which tinygrad never splits: mma.sync needs a warp's 32 threads in lane order
     lane, w = UOp.range(32, 3, AxisType.WARP), UOp.range(WM * WN, 4, AxisType.LOCAL)
     tid, wm, wn, g, t = lane + 32 * w, w // WN, w % WN, lane // 4, lane % 4
-    kt, pipe = UOp.range(K // BK, 6, AxisType.REDUCE), prefetch if K // BK > 1 and (BM + BN) * BK // 2 <= 32 * threads else 0
+    kt = UOp.range(K // BK, 6, AxisType.REDUCE)
+    pipe = prefetch if K // BK > 1 and (BM + BN) * BK // 2 <= 32 * threads else 0   # the next tiles' words a thread: at most 32
     # the block's k-th tiles of words in their global layout, staged in shared memory as they are: k-major (BK, rows/2) for A
     # stored (K, M) and B stored (K, N), row-major (rows, BK/2) for A stored (M, K) and B stored (N, K)
     tile = lambda X, R, r, blk, km, k: (X.reshape(S, K // BK, BK, R // r, r // 2)[s, k, :, blk, :] if km else
