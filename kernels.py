@@ -667,14 +667,25 @@ def _words(x:UOp) -> UOp:
 
 def _value(w:UOp, hi, dt) -> UOp: return (w >> (hi * 16)).cast(dtypes.uint16).bitcast(dt)   # the low or high half of a word
 
-def _mma_tiles(M:int, N:int, K:int) -> tuple[int, int, int]|None:
-  # block tile (BM, BN, BK): the largest of 128, 64, 32 that divide M and N, BK 64 where K allows; None: shapes it cannot tile
+def _mma_tiles(M:int, N:int, K:int, bufs:int=1) -> tuple[int, int, int]|None:
+  # block tile (BM, BN, BK): the largest of 128, 64, 32 that divide M and N, BK 64 where K allows and bufs shared buffers of both
+  # tiles fit in CUDA's 48 KB of static shared memory; None: shapes it cannot tile
   BM, BN = (next((b for b in (128, 64, 32) if x % b == 0), None) for x in (M, N))
-  return None if BM is None or BN is None or K % 32 else (BM, BN, 64 if K % 64 == 0 else 32)
+  if BM is None or BN is None or K % 32: return None
+  smem = 4 * bufs * ((BM + BN) * 32 + 2 * MMA_PAD * max(BM, BN, 64))   # bytes at BK = 64, either layout, padding included
+  return BM, BN, 64 if K % 64 == 0 and smem <= 48 * 1024 else 32
+
+MMA_PREFETCH = 2   # _gemm's choice of _mma_fxn's variant (its prefetch: 0, 1 or 2), so that all three can be timed in one process
 
 @functools.cache
-def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int):
-  # C[s] = A @ B over the s-th of S slices of k, as _gemm_fxn's; warps of 64 x 32 outputs (TM x TN tiles of 16 x 8)
+def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int=0):
+  # C[s] = A @ B over the s-th of S slices of k, as _gemm_fxn's; warps of 64 x 32 outputs (TM x TN tiles of 16 x 8).
+  # prefetch: software pipelining through registers. Tile 0 is staged before the k loop; iteration kt issues the global loads of
+  # tile kt+1 into registers first (gated off in the last iteration), runs the mma on tile kt from shared memory, and only then
+  # stores the registers into shared memory: the loads' latency hides behind the mma instead of stalling it. 1: one shared buffer,
+  # a barrier before the stores and one after; 2: two shared buffers (tile kt+1 goes to the one not read), only the barrier after.
+  # Not for one k tile, nor where the next tiles take more than 32 registers a thread (tiles of 128 x 32 have 64 threads): there
+  # the registers cost more warps than the latency they hide
   WM, WN = max(1, BM // 64), max(1, BN // 32)
   TM, TN, threads = BM // WM // 16, BN // WN // 8, 32 * WM * WN
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
@@ -686,19 +697,33 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int):
     lane, w = UOp.range(32, 3, AxisType.WARP), UOp.range(WM * WN, 4, AxisType.LOCAL)
     tid, wm, wn, g, t = lane + 32 * w, w // WN, w % WN, lane // 4, lane % 4
     kt = UOp.range(K // BK, 6, AxisType.REDUCE)
-    # the block's tiles of words in their global layout, staged in shared memory as they are: k-major (BK, rows/2) for A stored
-    # (K, M) and B stored (K, N), row-major (rows, BK/2) for A stored (M, K) and B stored (N, K)
-    tile = lambda X, R, r, blk, km: (X.reshape(S, K // BK, BK, R // r, r // 2)[s, kt, :, blk, :] if km else
-                                     X.reshape(R // r, r, S, K // BK, BK // 2)[blk, :, s, kt, :])
-    a_g, b_g = tile(A, M, BM, bm, a_t), tile(B, N, BN, bn, not b_t)
-    sh = [UOp.placeholder((x.shape[0], x.shape[1] + MMA_PAD), dtypes.uint32, slot=i, addrspace=AddrSpace.LOCAL).shrink_to(x.shape)
-          for i, x in enumerate((a_g, b_g))]
-    def copy(dst:UOp, src:UOp, rid:int) -> UOp:
-      n = math.prod(src.shape) // (threads * 4)
-      i, e = UOp.range(n, rid), UOp.range(4, rid + 1, AxisType.UPCAST)   # 4 words, 16 bytes, per thread and step
-      return dst.reshape(n, threads, 4)[i, tid, e].store(src.reshape(n, threads, 4)[i, tid, e]).end(i, e)
-    staged = [copy(d, x, 10 + 2 * i) for i, (d, x) in enumerate(zip(sh, (a_g, b_g)))]
-    As, Bs = (x.after(*staged) for x in sh)
+    pipe = prefetch if K // BK > 1 and (BM + BN) * BK // 2 <= 32 * threads else 0   # the next tiles' words a thread: at most 32
+    # the block's k-th tiles of words in their global layout, staged in shared memory as they are: k-major (BK, rows/2) for A
+    # stored (K, M) and B stored (K, N), row-major (rows, BK/2) for A stored (M, K) and B stored (N, K)
+    tile = lambda X, R, r, blk, km, k: (X.reshape(S, K // BK, BK, R // r, r // 2)[s, k, :, blk, :] if km else
+                                        X.reshape(R // r, r, S, K // BK, BK // 2)[blk, :, s, k, :])
+    tiles = lambda k: (tile(A, M, BM, bm, a_t, k), tile(B, N, BN, bn, not b_t, k))
+    nbuf = 2 if pipe == 2 else 1
+    sh = [UOp.placeholder((nbuf, x.shape[0], x.shape[1] + MMA_PAD), dtypes.uint32, slot=i, addrspace=AddrSpace.LOCAL).shrink_to((nbuf, *x.shape))
+          for i, x in enumerate(tiles(kt))]
+    def copy(dst:UOp, src:UOp, rid:int, loop:bool=True) -> UOp:
+      # a thread's 16-byte chunks of a tile (4 words, one load each), or its (n, 4) registers; loop=False unrolls the chunks, so that
+      # every load is issued before the first store. rid, rid + 1: range ids of their own (the expander tells upcast ranges by id)
+      n = math.prod((dst if dst.addrspace is not AddrSpace.REG else src).shape) // (threads * 4)
+      i, e = UOp.range(n, rid, AxisType.LOOP if loop else AxisType.UPCAST), UOp.range(4, rid + 1, AxisType.UPCAST)
+      at = lambda x: x[i, e] if x.addrspace is AddrSpace.REG else x.reshape(n, threads, 4)[i, tid, e]
+      return at(dst).store(at(src)).end(i, e)
+    if pipe:
+      # barriers placed by hand: tinygrad's own (after the stores that a read follows, at the end of a loop that stores and reads
+      # shared memory) would add one at the top of every iteration. Tile 0 goes to shared memory before the loop
+      first = UOp.group(*[copy(d[0, :, :], x, 10 + 2 * i) for i, (d, x) in enumerate(zip(sh, tiles(0)))]).barrier()
+      nxt = tiles((kt + 1).valid(kt < K // BK - 1))
+      regs = [UOp.placeholder((math.prod(x.shape) // (threads * 4), 4), dtypes.uint32, slot=3 + i, addrspace=AddrSpace.REG)
+              for i, x in enumerate(nxt)]
+      # the fill of the registers a dependency of the fragment reads: the linearizer then places the global loads before the mma
+      fill = [copy(r, x, 14 + 2 * i, loop=False) for i, (r, x) in enumerate(zip(regs, nxt))]
+      As, Bs = (x.after(first, kt, *fill)[kt % nbuf, :, :] for x in sh)
+    else: As, Bs = (x.after(*[copy(d[0, :, :], x, 10 + 2 * i) for i, (d, x) in enumerate(zip(sh, tiles(kt)))])[0, :, :] for x in sh)
     acc = UOp.placeholder((TM, TN, 4), dtypes.float, slot=2, addrspace=AddrSpace.REG)
     z = UOp.range(TM * TN * 4, 20, AxisType.UPCAST)
     acc = acc.after(acc.reshape(TM * TN * 4)[z].store(0.0).end(z))
@@ -712,9 +737,21 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int):
          for i in range(TM)]
     b = [UOp.stack(*[v for kh in (0, 1) for v in pair(Bs, (wn * TN + j) * 8 + g, kp + 4 * kh, not b_t)]) for j in range(TN)]
     mma = [acc[i, j].store(UOp.wmma(a[i], b[j], acc[i, j].after(ks), _TC, "CUDA", 32)) for i in range(TM) for j in range(TN)]
-    acc = acc.after(UOp.group(*mma).end(ks).end(kt))
-    out = C.reshape(S, M // BM, WM, TM, 2, 8, N // BN, WN, TN, 4, 2)[s, bm, wm, :, :, g, bn, wn, :, t, :].permute((0, 2, 1, 3))
-    st = out.store(acc.reshape(TM, TN, 2, 2).cast(C.dtype)).end(lane, w, s, bm, bn)
+    body = UOp.group(*mma).end(ks)
+    if pipe:
+      # one buffer: every warp's fragment reads of tile kt come before it takes tile kt+1. Two: no barrier there, but the stores still
+      # after the mma (placed before it, they would wait for the loads). Both: the stores come before the next iteration's reads
+      done = body.barrier() if pipe == 1 else body
+      body = UOp.group(*[copy(d.after(done)[(kt + 1) % nbuf, :, :], r.after(*fill), 22 + 2 * i, loop=False)
+                         for i, (d, r) in enumerate(zip(sh, regs))]).barrier()
+    acc = acc.after(body.end(kt))
+    # a thread's outputs: rows g and g + 8 of each tile, columns 2t and 2t + 1 (float32: one 8-byte store; half: one word)
+    val = acc.reshape(TM, TN, 2, 2).cast(C.dtype)
+    if C.dtype != dtypes.float:
+      C, val = _words(C), val.bitcast(dtypes.uint16).cast(dtypes.uint32)
+      val = val[:, :, :, 0] | (val[:, :, :, 1] << 16)
+    out = C.reshape(S, M // BM, WM, TM, 2, 8, N // BN, WN, TN, 4, -1)[s, bm, wm, :, :, g, bn, wn, :, t, :].permute((0, 2, 1, 3))
+    st = out.store(val.reshape(out.shape)).end(lane, w, s, bm, bn)
     return st.sink(arg=KernelInfo(name=f"mma{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=()))
   return fxn
 
@@ -738,8 +775,8 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> 
   S = _slices(K) if a_t else 1
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
   half, tiles = A.dtype in (dtypes.half, dtypes.bfloat16), _tiles(A, M)
-  mma = _mma_tiles(M, N, K // S) if tiles == "tc" else None
-  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
+  mma = _mma_tiles(M, N, K // S, 2 if MMA_PREFETCH == 2 else 1) if tiles == "tc" else None
+  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma, MMA_PREFETCH) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
   C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=fxn, grad_fxn=grad_fxn)[0]
   return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 

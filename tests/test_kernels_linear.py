@@ -44,6 +44,25 @@ def test_linear_mma_emulated():
     assert o.shape == r.shape, name
     assert np.sqrt(np.mean((o - r) ** 2)) <= 1e-2 * np.sqrt(np.mean(r ** 2)), name
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_mma_emulated(monkeypatch, prefetch):
+  # kernels._mma_fxn's variants (kernels.MMA_PREFETCH) on the emulated tensor cores against float32 products of the same rounded
+  # inputs, one product per operand layout, each of 3 to 8 k tiles (the pipeline's first, steady and last iterations): tiles of
+  # 64 x 32 x 32 in half, 32 x 64 x 32 and 32 x 32 x 64 in two slices of k in bfloat16
+  from tinygrad import dtypes
+  from tinygrad.helpers import Context
+  monkeypatch.setattr(kernels, "MMA_PREFETCH", prefetch)
+  rng = np.random.default_rng(11)
+  for (M, K, N), a_t, b_t, dt in [((64, 160, 32), False, False, dtypes.half), ((32, 96, 64), False, True, dtypes.bfloat16),
+                                  ((32, 1024, 32), True, False, dtypes.bfloat16)]:
+    A, B = rng.standard_normal((K, M) if a_t else (M, K)), rng.standard_normal((N, K) if b_t else (K, N))
+    with Context(DEV="PYTHON::sm_80"):
+      At, Bt = (Tensor(x.astype(np.float32)).cast(dt).contiguous() for x in (A, B))
+      assert kernels._tiles(At, M) == "tc"
+      got, Ar, Br = kernels._gemm(At, Bt, a_t, b_t).float().numpy(), At.float().numpy(), Bt.float().numpy()
+    ref = (Ar.T if a_t else Ar) @ (Br.T if b_t else Br)
+    assert np.sqrt(np.mean((got - ref) ** 2)) <= 1e-2 * np.sqrt(np.mean(ref ** 2)), (M, K, N)
+
 @pytest.mark.parametrize("shape", [(1, 256, 768), (3, 256, 12), (16, 704, 256), (1, 1, 8)])
 def test_linear_rows(shape):
   # a decode step's few rows (up to kernels.ROWS), one token's weight gradient included (a reduce over one row)
@@ -63,6 +82,19 @@ def _cuda_renderer():
   ren.tensor_cores = get_cuda("sm_90")
   return ren
 
+def _mma_plan(sink) -> str:
+  # the linearized order of an mma kernel, runs collapsed: R a loop, E its end, G a 16-byte global load, S a 16-byte shared store,
+  # B a barrier, W an mma
+  import re
+  from tinygrad.uop.ops import Ops
+  from tinygrad.dtype import AddrSpace
+  from tinygrad.codegen.late.linearizer import linearize
+  ev = {Ops.RANGE: "R", Ops.END: "E", Ops.BARRIER: "B", Ops.WMMA: "W"}
+  wide = lambda u, op, space: u.op is op and u._shape == (4,) and u.src[0].addrspace is space
+  s = "".join(ev.get(u.op, "G" if wide(u, Ops.LOAD, AddrSpace.GLOBAL) else "S" if wide(u, Ops.STORE, AddrSpace.LOCAL) else "")
+              for u in linearize(sink))
+  return re.sub(r"(.)\1+", r"\1", s)
+
 @pytest.mark.parametrize("tiles, dtype, M, K, N", [("tc", "bfloat16", 8192, 256, 768), ("tc", "bfloat16", 16384, 1376, 512),
                                                    ("tc", "half", 16384, 512, 1536), ("simt", "float32", 8192, 704, 256),
                                                    ("simt", "float32", 8192, 256, 12), ("rows", "float32", 16, 256, 768),
@@ -71,7 +103,7 @@ def _cuda_renderer():
 def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
   # the hand-picked schedules (kernels._tc_opts, kernels._rows_opts) of the forward and both gradient products apply to the
   # kernels on CUDA, where the CPU's tests cannot run them; "tc" ones do use the tensor cores wherever _tc_opts gives tiles, and
-  # the hand-written ones (kernels._mma_fxn, where the shapes tile by 32) stage their tiles with 16-byte loads
+  # the hand-written ones (kernels._mma_fxn, where the shapes tile by 32) stage their tiles with 16-byte loads, in both variants
   from tinygrad import dtypes
   from tinygrad.uop.ops import Ops, KernelInfo
   from tinygrad.codegen import full_rewrite_to_sink
@@ -80,15 +112,25 @@ def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
   # kernels._tiles as it chooses on an H100: decode rows up to kernels.ROWS, tensor-core tiles for half inputs
   monkeypatch.setattr(kernels, "_tiles", lambda A, rows: "rows" if rows <= kernels.ROWS else "tc" if A.dtype != dtypes.float else "simt")
   x, w, g = (Tensor.empty(*s, dtype=getattr(dtypes, dtype)) for s in ((M, K), (K, N), (M, N)))
-  outs = (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True))
-  asts = [u for t in outs for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo)
-          and u.arg.name.startswith(("gemm", "mma"))]
+  def products(prefetch:int) -> list:
+    monkeypatch.setattr(kernels, "MMA_PREFETCH", prefetch)
+    outs = (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True))
+    return [u for t in outs for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo)
+            and u.arg.name.startswith(("gemm", "mma"))]
+  asts, piped = products(0), [products(1), products(2)]
   assert len(asts) == 3 and all(a.arg.name.startswith("mma") == (tiles == "tc" and kernels._mma_tiles(M, N, K) is not None) for a in asts)
-  for a in asts:
+  for a, *p in zip(asts, *piped):
     sink = full_rewrite_to_sink(a, ren)
     if a.arg.name.startswith("mma"):
       assert {Ops.WMMA, Ops.BARRIER} <= {u.op for u in sink.toposort()}
       assert any(u.op is Ops.LOAD and u.dtype == dtypes.uint32 and u._shape == (4,) for u in sink.toposort())
+      # the k loop without prefetch opens with its tile's loads and stores (no loop where there is one k tile). With it, the next
+      # tile's loads come before the mma, then the stores (1: between two barriers, 2: before one), where the tiles allow it: all
+      # of the gpu shape's products, whose tiles are 128 x 128
+      plan, plans = _mma_plan(sink), [_mma_plan(full_rewrite_to_sink(u, ren)) for u in p]
+      assert all(u.arg.name == a.arg.name for u in p) and plan in ("RGSERGSEBRWEBE", "RGSERGSEBRWE")
+      for got, want in zip(plans, ("RGSERGSEBRGRWEBSBE", "RGSERGSEBRGRWESBE")):
+        assert got == want or (got == plan and (M, K, N) != (16384, 512, 1536))
       continue
     applied = sink.arg.applied_opts
     assert applied == a.arg.opts_to_apply or a.arg.opts_to_apply is None
