@@ -317,11 +317,14 @@ def _red(n:int, axis:int) -> UOp:
 def _reduce(x:UOp, *rngs:UOp, op=Ops.ADD) -> UOp:
   return x.reduce(*rr, arg=op) if (rr := [r for r in rngs if r.op is Ops.RANGE]) else x
 
-def _store(buf:UOp, idx:tuple, val:UOp, ok:UOp) -> UOp:
-  # a store gated by ok: the flat index is Invalid where ok is False
+def _gated(buf:UOp, shape:tuple, idx:tuple, ok:UOp) -> UOp:
+  # buf, a flat kernel input, at idx of shape where ok (a load reads 0 elsewhere, a store writes nothing). Flat: indexing a shaped
+  # buffer, tinygrad 0.14 drops a gate that it has simplified to a bound on a range the index no longer uses (t < L pinning s = 0)
   lin = UOp.const(0, dtypes.weakint)
-  for i, n in zip(idx, buf.shape): lin = lin * n + i
-  return buf.flatten().index(lin.valid(ok)).store(val)
+  for i, n in zip(idx, shape): lin = lin * n + i
+  return buf[lin.valid(ok)]
+
+def _store(buf:UOp, idx:tuple, val:UOp, ok:UOp) -> UOp: return _gated(buf.flatten(), buf.shape, idx, ok).store(val)   # where ok
 
 def _entry(ent:UOp, N:int, b:UOp, h:UOp, s:UOp, t:UOp, r:UOp) -> UOp:
   # the entry slot r of token t reads: a static table per segment (n_seg, K) or a per-token one (B, H, L, K); clipped so that
@@ -860,13 +863,6 @@ def _lanes(n:int, rid:int, g:_Grid, most:int=128) -> tuple[UOp, tuple[UOp, ...]]
   u = math.gcd(n, most)
   outer, inner = UOp.range(n // u, rid), UOp.range(u, rid + 1, g.lanes)
   return outer * u + inner, (outer, inner)
-
-def _gated(buf:UOp, shape:tuple, idx:tuple, ok:UOp) -> UOp:
-  # buf, a flat kernel input, at idx of shape where ok (a load reads 0 elsewhere, a store writes nothing). Flat: indexing a shaped
-  # buffer, tinygrad 0.14 drops a gate that it has simplified to a bound on a range the index no longer uses (t < L pinning s = 0)
-  lin = UOp.const(0, dtypes.weakint)
-  for i, n in zip(idx, shape): lin = lin * n + i
-  return buf[lin.valid(ok)]
 
 @functools.cache
 def _conv_fxn(flip:bool, g:_Grid):

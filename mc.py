@@ -613,7 +613,7 @@ class Model:
     self.blocks = [Block(cfg) for _ in range(cfg.n_layers)]
     self.norm = Tensor.ones(cfg.dim)
 
-  # logits (B,L,vocab) in float32, the product in the activation dtype (float32 accumulators), as PyTorch's autocast computes it
+  # logits (B,L,vocab) as float32 from a product in the activation dtype (float32 accumulators, rounded to it), as under PyTorch's autocast
   def head(self, x:Tensor) -> Tensor: return _lin(_rms(x, self.norm, self.cfg.kernels), self.emb.T, self.cfg.kernels).float()
 
   def __call__(self, tokens:Tensor, state:dict|None=None) -> Tensor:

@@ -74,8 +74,8 @@ PRESETS: dict[str, dict] = {
   # 2-core x86 CPU, clang 14 (DEV=CPU): 21.7 s wall, 1,475 tok/s once compiled, val bpb 7.965 -> 4.601 (`python train.py --preset=smoke`)
   "smoke": dict(dim=64, n_layers=2, n_heads=2, segment=32, chunk=16, seq_len=128, batch_size=4, steps=20, warmup=2, lr=4e-3,
                 eval_every=10, eval_batches=2, ckpt_every=10),
-  # H100 80GB (DEV=CUDA, bfloat16 by default): 74.7 s wall (60.2 s training, first step 17.1 s), 355,577 tok/s, val bpb
-  # 7.761 -> 1.618 (`DEV=CUDA python train.py`)
+  # H200 (DEV=CUDA, bfloat16 by default): 72.6 s wall (58.0 s training, first step 23.5 s), 607,803 tok/s, val bpb
+  # 7.761 -> 1.661 (`DEV=CUDA python train.py`)
   "default": dict(dim=256, n_layers=4, n_heads=4, core="swla", agg="grm", segment=128, chunk=64, seq_len=512, batch_size=16),
   # H100 80GB (DEV=CUDA, JIT=2): 305 s wall (279 s training), 37,021 tok/s, val bpb 7.575 -> 1.628, 22.4 M params
   # (`DEV=CUDA python train.py --preset=gpu`; before kernels.linear and CUDA graphs, not re-timed since)
