@@ -595,7 +595,7 @@ def torch_train(jobs:list[tuple], reps:int, hp:dict) -> dict|str:
   return {"rows": rows, "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 def kind(name:str) -> str:
-  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc, conv, segment), tinygrad's elementwise
+  # a kernel's kind, for a profile's sums: ours by their names' first word (mma, gemm, chunk, cache, ssc, norm, conv, segment), tinygrad's elementwise
   # (E_...) and reduce (r_...) kernels
   return {"E": "elementwise", "r": "reduce"}.get(w := name.split()[0].split("_")[0], w)
 

@@ -815,7 +815,7 @@ def _rowdot_fxn(T:int, n:int, local:bool):
     lanes = _row_lanes(n)
     rows = math.gcd(T, 128 // lanes)
     opts = tuple([Opt(OptOps.GROUP, 0, lanes)] * (lanes > 1) + [Opt(OptOps.LOCAL, 0, rows)] * (rows > 1)) if local else ()
-    return s[t].store(acc).end(t).sink(arg=KernelInfo(name="rowdot", opts_to_apply=opts))
+    return s[t].store(acc).end(t).sink(arg=KernelInfo(name="norm_rowdot", opts_to_apply=opts))
   return fxn
 
 def rowdot(a:Tensor, b:Tensor) -> Tensor:
@@ -834,7 +834,7 @@ def _mul_rows_fxn(T:int, n:int):
   # y[t, k] = x[t, k] r[t] in float32 (tinygrad's own elementwise schedule)
   def fxn(y:UOp, x:UOp, r:UOp) -> UOp:
     t, k = UOp.range(T, 0), UOp.range(n, 1)
-    return y[t, k].store(x[t, k].cast(dtypes.float) * r[t]).end(t, k).sink(arg=KernelInfo(name="mul_rows"))
+    return y[t, k].store(x[t, k].cast(dtypes.float) * r[t]).end(t, k).sink(arg=KernelInfo(name="norm_scale"))
   return fxn
 
 def mul_rows(x:Tensor, r:Tensor) -> Tensor:
