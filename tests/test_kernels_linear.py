@@ -137,3 +137,29 @@ def test_linear_tiles_apply_on_cuda(monkeypatch, tiles, dtype, M, K, N):
     if tiles == "tc" and a.arg.opts_to_apply is not None: assert applied[0].op is OptOps.TC
     if tiles == "rows" and a.arg.opts_to_apply is not None: assert all(o.op is not OptOps.TC for o in applied)
   assert sum(a.arg.opts_to_apply is not None for a in asts) >= (1 if tiles != "rows" else 2) - (N % 64 > 0)   # rows: the forward and dx
+
+def test_wide_blocks_on_cuda(monkeypatch):
+  # kernels._wide on an H100's plan: a flat elementwise kernel's 32-thread blocks become WIDE_BLOCKS threads along the same axis,
+  # a reduction keeps tinygrad's own schedule
+  from tinygrad.uop.ops import Ops, KernelInfo
+  from tinygrad.codegen import full_rewrite_to_sink
+  from tinygrad.codegen.opt import OptOps
+  from tinygrad.helpers import Context
+  import tinygrad.codegen.opt.heuristic as heuristic
+  ren = _cuda_renderer()
+  a, b = Tensor.empty(16384, 512), Tensor.empty(16384, 512)
+  def threads(t:Tensor, wide:bool) -> int:
+    monkeypatch.setattr(heuristic, "hand_coded_optimizations", kernels._wide if wide else kernels._wide.__defaults__[0])
+    ast = next(u for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo))
+    with Context(NOOPT=0): opts = full_rewrite_to_sink(ast, ren).arg.applied_opts   # the tests' CPU default is NOOPT=1
+    return int(np.prod([o.arg for o in opts if o.op is OptOps.LOCAL]))
+  assert threads(a + b, False) == 32 and threads(a + b, True) == kernels.WIDE_BLOCKS == 128
+  assert threads((a * b).sum(-1), True) == threads((a * b).sum(-1), False)
+
+def test_wide_blocks_in_compile_workers():
+  # tinygrad compiles a graph's kernels in spawned worker processes: the heuristic there is kernels._wide too
+  from tinygrad.helpers import Context
+  from tinygrad.engine.worker import get_worker_pool, terminate_worker_pool
+  with Context(PARALLEL=2): pool = get_worker_pool()
+  try: assert pool.apply(eval, ("__import__('tinygrad.codegen.opt.heuristic', fromlist=['_']).hand_coded_optimizations.__name__",)) == "_wide"
+  finally: terminate_worker_pool()
