@@ -279,8 +279,10 @@ def _chunk_scan_bwd(*args, cfg:_Scan, call=None) -> tuple:
       dg[2] = db
     dG = dG.reshape(N, Nc, T)
     if dS is not None and cfg.nS:
-      # a segment's state is an output read at its last token, like o (contiguous: else every token's dG recomputes <dS,S>)
-      seg = (dS * S).sum((-1, -2)).contiguous().reshape(N, cfg.nS, 1).pad((None, None, (cfg.step - 1, 0))).reshape(N, cfg.nS * cfg.step)
+      # a segment's state is an output read at its last token, like o (contiguous: else every token's dG recomputes <dS,S>),
+      # summed in two steps: a thread per row of each state first (one thread per state walked its D*D entries)
+      seg = (dS * S).sum(-1).contiguous().sum(-1).contiguous().reshape(N, cfg.nS, 1)
+      seg = seg.pad((None, None, (cfg.step - 1, 0))).reshape(N, cfg.nS * cfg.step)
       dG = dG + seg.pad((None, (0, Nc - cfg.nS * cfg.step))).reshape(N, Nc, 1).pad((None, None, (T - 1, 0)))
     # G is summed from its chunk start, so its last entry also carries the decay seen by every later chunk (of the segment)
     cs = dG.sum(-1)
