@@ -955,40 +955,6 @@ def segment_mean(k:Tensor, C:int) -> Tensor:
   p = Tensor.empty(B * H * L * D, device=k.device).custom_kernel(k.flatten().contiguous(), fxn=_segment_mean_fxn(sh, C, False, g), grad_fxn=bwd)[0]
   return p.reshape(B, H, L, D)
 
-# **** heads ****
-# The memory reads its inputs as (B,H,L,D) and the block works in (B,L,H*D): the moves between the two, in both directions and with
-# a change of dtype, as one kernel each whose gradient is the other. tinygrad's own schedule of such a transpose reached 0.4 TB/s on
-# an H200 (82 us for (16, 1024, 8, 64) in bfloat16); here a thread moves U tokens of one feature, lanes along d on both sides.
-
-@functools.cache
-def _heads_fxn(split:bool, g:_Grid):
-  # split: out[b, h, t, d] = x[b, t, h, d]; else (merge) out[b, t, h, d] = x[b, h, t, d]
-  def fxn(out:UOp, x:UOp) -> UOp:
-    B, H, L, D = out.shape if split else x.shape
-    U = math.gcd(L, 4)
-    b, h, to, tu = UOp.range(B, 0), UOp.range(H, 1), UOp.range(L // U, 2), UOp.range(U, 5, AxisType.UPCAST)
-    d, thread = _lanes(D, 3, g)
-    t = to * U + tu
-    src, dst = ((b, t, h, d), (b, h, t, d)) if split else ((b, h, t, d), (b, t, h, d))
-    return _sink(out[dst].store(x[src].cast(out.dtype)).end(b, h, to, *thread, tu), "heads" if split else "heads_merge")
-  return fxn
-
-def _move(x:Tensor, shape:tuple, split:bool, dtype) -> Tensor:
-  g = _grid(x.device)
-  def bwd(gy:UOp, call:UOp) -> tuple:
-    return (None, _move(Tensor(gy), call.src[2].shape, not split, call.src[2].dtype).uop)
-  return Tensor.empty(*shape, dtype=dtype, device=x.device).custom_kernel(x.contiguous(), fxn=_heads_fxn(split, g), grad_fxn=bwd)[0]
-
-def heads(x:Tensor, H:int, dtype=None) -> Tensor:
-  """x (B,L,H*D) -> (B,H,L,D) in dtype (default x's): mc._heads, then a cast."""
-  B, L, C = x.shape
-  return _move(x.reshape(B, L, H, C // H), (B, H, L, C // H), True, dtype or x.dtype)
-
-def merge_heads(y:Tensor, dtype=None) -> Tensor:
-  """y (B,H,L,D) -> (B,L,H*D) in dtype (default y's): the inverse of heads."""
-  B, H, L, D = y.shape
-  return _move(y, (B, L, H, D), False, dtype or y.dtype).reshape(B, L, H * D)
-
 # **** weights that every token uses ****
 # A weight applied to every token gets its gradient by a reduce over all B*L of them, one thread per weight walking them all: the
 # GPU idles. These apply it to groups of rows instead, its gradient buffered per group (one reduce per group, then a sum over

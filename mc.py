@@ -506,10 +506,8 @@ class Memory:
     q, k, v = qkv.silu().chunk(3, dim=-1)
     # q, k L2-normalised per head, as (B,L,H,D) rows: each row's D features adjacent in memory
     q, k = (_norm(x.reshape(*x.shape[:2], H, -1), self.cfg.kernels, 1e-12, rms=False).cast(h.dtype).reshape(x.shape) for x in (q, k))
-    # to heads, in float32 as memory_mix reads them: one kernel each (kernels.heads) where fused
-    heads = (lambda x: kernels.heads(x, H, dtypes.float)) if self.cfg.kernels else (lambda x: _heads(x, H))
-    q, k, v = (heads(x) for x in (q, k, v))
-    u = heads(_lin(h, self.wu, self.cfg.kernels)) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
+    q, k, v = (_heads(x, H) for x in (q, k, v))
+    u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
     if not self.gate_names: return q, k, v, u, {}
     g = kernels.scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
     return q, k, v, u, {n: g[:, :, i].transpose(1, 2) for i, n in enumerate(self.gate_names)}   # gates (B,H,L)
@@ -584,9 +582,8 @@ class Block:
     self.mixer, self.fused = MIXERS[cfg.mixer](cfg), cfg.kernels   # fused: projections through kernels.linear
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
-    # y (B,H,L,D) -> (B,L,H,D) in the activation dtype -> per-head RMSNorm -> gate -> Wo -> residual
-    y = kernels.merge_heads(y, h.dtype) if self.fused else y.cast(h.dtype).transpose(1, 2).reshape(*h.shape)
-    y = _rms(y.reshape(*h.shape[:2], -1, self.onorm.shape[0]), self.onorm, self.fused).reshape(*h.shape)
+    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
+    y = _rms(y, self.onorm, self.fused).transpose(1, 2).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate, self.fused).silu(), self.wo, self.fused)
 
   def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:
