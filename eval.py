@@ -6,7 +6,7 @@ tinymc evaluation of a trained run: language modelling at longer contexts, needl
   python eval.py niah --ckpt=runs/default --limit=4                # NIAH-1/2/3 accuracy over lengths x depths
   python eval.py mqar --ckpt=runs/mqar                             # MQAR accuracy over (seq_len, num_kv_pairs)
   python eval.py sample --ckpt=runs/default --prompt="def "       # 200 bytes after a prompt: a parallel prefill, then decoding
-  python eval.py report runs/mqar-*                               # markdown tables of runs: mean +- std over their seeds
+  python eval.py report runs/mqar-* --plot=mqar.png              # markdown tables of runs: mean +- std over their seeds (and a figure)
 
 Any MCConfig field may be overridden (--agg=mean --segment=512): the run's model config with those fields replaced, loading
 the same weights. Each command prints a table (sample: the text) and writes it as JSON into the run folder,
@@ -194,36 +194,73 @@ def _mean_std(xs:list) -> str:
   if not xs: return "-"
   return f"{np.mean(xs):.4f}" if len(xs) == 1 else f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}"
 
-def report(folders:list[str]) -> str:
-  """Markdown tables of run folders: one per kind of result (the final validation, each eval_*.json), a row per configuration,
-  its cells the mean +- sample standard deviation over the runs (seeds) that share it. A row is named by the config fields
-  that differ between rows; state/layer is the memory one layer holds at the training length (state_size: Zoology's axis)."""
+def _gather(folders:list[str]) -> tuple[list, dict, typing.Callable]:
+  # the runs, grouped by configuration (runs differing only in NOT_CONFIG are seeds of one group), and a group's short name:
+  # the config fields that differ between groups
   if not folders: raise ValueError("report: give run folders, e.g. python eval.py report runs/mqar-*")
   runs = [(f, *_run(Path(f))) for f in folders]
   key = lambda cfg: tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in NOT_CONFIG))
   groups: dict[tuple, list] = {}
   for f, cfg, tables in runs: groups.setdefault(key(cfg), []).append((f, cfg, tables))
   varying = sorted({k for g in groups for k, v in g} - {k for k, v in set.intersection(*[set(g) for g in groups])})
-  name = lambda g: " ".join(f"{k}={v}" for k, v in g if k in varying and k != "state") or "all runs"
+  return runs, groups, lambda g: " ".join(f"{k}={v}" for k, v in g if k in varying and k != "state") or "all runs"
+
+def _kinds(runs:list) -> list[tuple[str, list[str]]]:
+  # each kind of result (the final validation first, then each eval) with its columns in first-seen order
+  kinds = sorted({t for _, _, tables in runs for t in tables}, key=lambda t: (t != "final validation", t))
+  return [(kind, list(dict.fromkeys(c for _, _, tables in runs for c in tables.get(kind, {})))) for kind in kinds]
+
+def report(folders:list[str]) -> str:
+  """Markdown tables of run folders: one per kind of result (the final validation, each eval_*.json), a row per configuration,
+  its cells the mean +- sample standard deviation over the runs (seeds) that share it. A row is named by the config fields
+  that differ between rows; state/layer is the memory one layer holds at the training length (state_size: Zoology's axis)."""
+  runs, groups, name = _gather(folders)
   out = []
-  for kind in sorted({t for _, _, tables in runs for t in tables}, key=lambda t: (t != "final validation", t)):
-    cols = list(dict.fromkeys(c for _, _, tables in runs for c in tables.get(kind, {})))
+  for kind, cols in _kinds(runs):
     head = ["config", "runs", "state/layer", *cols]
     rows = [[name(g), str(sum(kind in t for _, _, t in rs)), f"{rs[0][1]['state']:,}",
              *[_mean_std([t.get(kind, {}).get(c) for _, _, t in rs]) for c in cols]] for g, rs in groups.items()]
     out.append(f"### {kind}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows))
   return "\n\n".join(out) + "\n"
 
+def plot(folders:list[str], path:str):
+  """Zoology's figure: for each MQAR eval, the accuracy of its last column (the longest, most pairs) against the state one layer
+  holds, a point per configuration (mean over its runs, the bar one standard deviation), into a PNG. Needs matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError: raise ValueError("report --plot needs matplotlib (pip install matplotlib); the tables print without it") from None
+  runs, groups, name = _gather(folders)
+  kinds = [(k, cols) for k, cols in _kinds(runs) if k.startswith("mqar") and cols]
+  if not kinds: raise ValueError("report --plot: none of these runs has an eval_mqar*.json to plot (python eval.py mqar --ckpt=RUN)")
+  fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+  for ax, (kind, cols) in zip(axes[0], kinds):
+    for g, rs in groups.items():
+      accs = [a for _, _, t in rs if (a := t.get(kind, {}).get(cols[-1])) is not None]
+      if not accs: continue
+      ax.errorbar(rs[0][1]["state"], np.mean(accs), yerr=np.std(accs, ddof=1) if len(accs) > 1 else 0, fmt="o", capsize=3,
+                   label=f"{name(g)} ({len(accs)})")
+    ax.set(xscale="log", xlabel="state per layer (floats)", ylabel=f"accuracy, {cols[-1]}", title=kind, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
 def report_main(argv:list[str]) -> int:
-  # python eval.py report RUN [RUN ...] [--out=FILE]: the tables on stdout, and into FILE when given
-  outs, folders = [a[6:] for a in argv if a.startswith("--out=")], [a for a in argv if not a.startswith("--")]
-  if bad := [a for a in argv if a.startswith("--") and not a.startswith("--out=")]:
-    raise ValueError(f"report: unknown option {bad[0]}: it takes run folders and --out=FILE")
+  # python eval.py report RUN [RUN ...] [--out=FILE] [--plot=FILE.png]: the tables on stdout, into FILE when given, the figure
+  opts = {k: v for a in argv if a.startswith("--") for k, _, v in [a[2:].partition("=")]}
+  folders = [a for a in argv if not a.startswith("--")]
+  if bad := sorted(set(opts) - {"out", "plot"}):
+    raise ValueError(f"report: unknown option --{bad[0]}: it takes run folders, --out=FILE and --plot=FILE.png")
   text = report(folders)
   print(text, end="")
-  if outs:
-    Path(outs[-1]).write_text(text)
-    print(f"wrote {outs[-1]}")
+  if opts.get("out"):
+    Path(opts["out"]).write_text(text)
+    print(f"wrote {opts['out']}")
+  if opts.get("plot"):
+    plot(folders, opts["plot"])
+    print(f"wrote {opts['plot']}")
   return 0
 
 def evaluate(cmd:str, argv:list[str]) -> dict:
@@ -266,7 +303,7 @@ def main(argv:list[str]|None=None) -> int:
     print(usage(argv[0]))
     return 0
   if argv[0] == "report" and {"-h", "--help"} & set(argv[1:]):
-    print(f"usage: python eval.py report RUN [RUN ...] [--out=FILE]\n\n{report.__doc__}")
+    print(f"usage: python eval.py report RUN [RUN ...] [--out=FILE] [--plot=FILE.png]\n\n{report.__doc__}\n\n--plot: {plot.__doc__}")
     return 0
   try:
     if argv[0] == "report": return report_main(argv[1:])

@@ -1,6 +1,6 @@
 """Tests of eval.py on the CPU, on the smoke run (conftest.py's `smoke_run`, one per pytest session, shared with test_train.py),
 and of the README's "Use it from Python" example on the same run."""
-import json, re, shlex, shutil
+import json, re, shlex, shutil, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -203,3 +203,20 @@ def test_report_rejects(tmp_path, capsys):
     assert ev.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("report" in err or str(tmp_path) in err), err
+
+def _fake_mqar_runs(tmp_path) -> list[str]:
+  rng = np.random.default_rng(1)
+  return [str(_fake_run(tmp_path, f"mqar-{agg}-{seed}", seed, agg, {(256, 4): float(rng.uniform()), (256, 8): float(rng.uniform())}, 1.5))
+          for agg in ("grm", "none") for seed in range(2)]
+
+def test_report_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+  # matplotlib is no dependency: --plot without it is one line naming it, exit 2, after the tables
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  assert ev.main(["report", *_fake_mqar_runs(tmp_path), f"--plot={tmp_path / 'f.png'}"]) == 2
+  out, err = capsys.readouterr()
+  assert "### mqar" in out and err.count("\n") == 1 and "matplotlib" in err and not (tmp_path / "f.png").exists()
+
+def test_report_plot(tmp_path):
+  pytest.importorskip("matplotlib")
+  assert ev.main(["report", *_fake_mqar_runs(tmp_path), f"--plot={tmp_path / 'f.png'}"]) == 0
+  assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
