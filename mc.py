@@ -147,39 +147,54 @@ def deep_scan(core:str, k:Tensor, v:Tensor, gates:dict, W1:Tensor, W2:Tensor, T:
   and a read W_t x_t is a masked matmul. k, v (*bs, L, D) with L a multiple of T; W1 (*,D,E), W2 (*,E,D) broadcast to bs.
   Returns the per-chunk factors that deep_read needs and the weights after each chunk."""
   *bs, L, D = k.shape
-  Nc = L // T
+  Nc, E = L // T, W1.shape[-1]
   kc, vc = k.reshape(*bs, Nc, T, D), v.reshape(*bs, Nc, T, D)
   e = gates["e"].reshape(*bs, Nc, T)
+  # cb: a tensor in a buffer of its own, and its gradient too: read by many kernels (the chunks' in a buffer per chunk, so no offsets in
+  # their kernels: every chunk runs the same ones), never recomputed in them, nor its gradient for every token
+  cb = lambda x: x.contiguous().contiguous_backward()
   if core == "titans":
     la, lb = gates["a"].log().reshape(*bs, Nc, T), gates["b"].log().reshape(*bs, Nc, T)
     Pa, Pb = decay(la), decay(lb)
-    K = (Pa @ Pb) * e.unsqueeze(-2)                                          # K[t,j] = e_j sum_{m=j..t} Pa[t,m] Pb[m,j]
-    alpha, beta = la.cumsum(-1).exp(), (Pa @ lb.cumsum(-1).exp().unsqueeze(-1))[..., 0]
-    mom, bprod = Pb[..., -1, :] * e, lb.sum(-1).exp()                        # weight of g_j in the chunk-end momentum; prod b
+    K = cb((Pa @ Pb) * e.unsqueeze(-2))                                      # K[t,j] = e_j sum_{m=j..t} Pa[t,m] Pb[m,j]
+    alpha, beta = cb(la.cumsum(-1).exp()), cb((Pa @ lb.cumsum(-1).exp().unsqueeze(-1))[..., 0])
+    # the weights of g_j in the chunk-end weights and momentum; the chunk-end state [W; S] <- [a W + b S; prod(b) S]
+    wts = K[..., -1, :].stack(Pb[..., -1, :] * e, dim=-1)                    # (*bs, Nc, T, 2)
+    a_end, b_end, bp = alpha[..., -1:], beta[..., -1:], lb.sum(-1, keepdim=True).exp()
+    keep, cross = a_end.cat(a_end, bp, bp, dim=-1), b_end.cat(b_end, b_end.zeros_like(), b_end.zeros_like(), dim=-1)
+    coef = keep.cat(cross, dim=-1).unsqueeze(-2).expand(*bs, Nc, T, 8)     # per chunk, repeated over its tokens
   else:
     K = Tensor.ones(T, T, device=k.device).tril() * e.unsqueeze(-2)
-  W1, W2 = W1.expand(*bs, *W1.shape[-2:]), W2.expand(*bs, *W2.shape[-2:])
-  S1, S2 = W1.zeros_like(), W2.zeros_like()
-  W1s, W2s, S1s, S2s, rs, zs, ds, W1e, W2e = ([] for _ in range(9))
-  # cb: a per-chunk tensor in a buffer of its own, and its gradient too: no offsets in the chunk's kernels (every chunk runs the same
-  # ones) and no gradient recomputed for every token; gw: a chunk's gate times weights, its gradient reduced per row first (not 64 threads)
-  cb, gw = lambda x: x.contiguous().contiguous_backward(), lambda s, W: s.expand(*W.shape[:-1], 1).contiguous_backward() * W
+    wts, coef = K[..., -1, :].unsqueeze(-1), None
+  # every chunk's inputs side by side, so that a chunk copies one buffer: k, v, the weights of its gradients, its state coefficients
+  packed = kc.cat(vc, wts, *([] if coef is None else [coef]), dim=-1)      # (*bs, Nc, T, 2D+1 | 2D+10)
+  nw = wts.shape[-1]
+  # the state X (*bs, 2|4, D, E): [W1, W2^T] and titans' momentum [S1, S2^T], so a chunk updates it in one product and one sum
+  X = W1.expand(*bs, D, E).stack(W2.transpose(-1, -2).expand(*bs, D, E), dim=len(bs))
+  if core == "titans": X = X.cat(X.zeros_like(), dim=len(bs))
+  Xs, rs, zs, ds, Xe = ([] for _ in range(5))
   for c in range(Nc):
-    kk, vv, kl = cb(kc[..., c, :, :]), cb(vc[..., c, :, :]), cb(K[..., c, -1, :].unsqueeze(-1))
-    r, z, d = (cb(x) for x in deep_grads(core, kk, vv, W1, W2))
-    for xs, x in zip((W1s, W2s, S1s, S2s, rs, zs, ds), (W1, W2, S1, S2, r, z, d)): xs.append(x.contiguous_backward())
-    # sum_j K[T-1, j] g_j: every gradient of the chunk as it stands in the chunk's last weights
-    g1, g2 = (r * kl).transpose(-1, -2) @ z, (d * kl).transpose(-1, -2) @ kk
+    # each slice's gradient in its own buffer: one over the whole packed row would compute every slice's reductions for every column
+    inp = packed[..., c, :, :].contiguous()
+    kk, vv, w = (inp[..., a:b].contiguous_backward() for a, b in ((0, D), (D, 2 * D), (2 * D, 2 * D + nw)))
+    Xs.append(X.contiguous_backward())
+    r, z, d = (cb(x) for x in deep_grads(core, kk, vv, X[..., 0, :, :], X[..., 1, :, :].transpose(-1, -2)))
+    rs.append(r); zs.append(z); ds.append(d)
+    # sum_j w[j] g_j for each weight column w (*bs, nw, D, E): grad_W1 = r z^T, grad_W2^T = k d^T
+    wT = w.transpose(-1, -2).unsqueeze(-1)                                   # (*bs, nw, T, 1)
+    G1, G2 = (r.unsqueeze(-3) * wT).transpose(-1, -2) @ z.unsqueeze(-3), (kk.unsqueeze(-3) * wT).transpose(-1, -2) @ d.unsqueeze(-3)
+    G = G1.stack(G2, dim=-3).flatten(-4, -3)                                 # the rows of X: [W1, W2^T(, S1, S2^T)]
     if core == "titans":
-      a_end, b_end, m = cb(alpha[..., c, -1, None, None]), cb(beta[..., c, -1, None, None]), cb(mom[..., c, :].unsqueeze(-1))
-      bp = cb(bprod[..., c, None, None])
-      W1, W2, S1, S2 = (gw(a_end, W1) + gw(b_end, S1) - g1, gw(a_end, W2) + gw(b_end, S2) - g2,
-                        gw(bp, S1) - (r * m).transpose(-1, -2) @ z, gw(bp, S2) - (d * m).transpose(-1, -2) @ kk)
-    else: W1, W2 = W1 - g1, W2 - g2
-    W1e.append(W1.contiguous_backward()); W2e.append(W2.contiguous_backward())
+      # a gate's gradient reduced per row first (a buffer of (D, 1)), not by a few threads over the whole state
+      cf = inp[..., 0, 2 * D + nw:].reshape(*bs, 2, 4, 1, 1).expand(*bs, 2, 4, D, 1).contiguous_backward()
+      X = cf[..., 0, :, :, :] * X + cf[..., 1, :, :, :] * X.reshape(*bs, 2, 2, D, E).flip(-4).reshape(*bs, 4, D, E) - G
+    else: X = X - G
+    Xe.append(X.contiguous_backward())
   st = lambda xs: Tensor.stack(*xs, dim=len(bs)).contiguous()   # materialise: fused into the reads, Nc-way selects compile slowly
-  out = dict(k=kc, K=K, W1=st(W1s), W2=st(W2s), r=st(rs), z=st(zs), d=st(ds), W1e=st(W1e), W2e=st(W2e))
-  if core == "titans": out.update(S1=st(S1s), S2=st(S2s), alpha=alpha, beta=beta, S1e=S1, S2e=S2)   # S*e: after the last chunk
+  Xs, Xe = st(Xs), st(Xe)                                        # (*bs, Nc, 2|4, D, E)
+  W = lambda X, i: X[..., i, :, :] if i % 2 == 0 else X[..., i, :, :].transpose(-1, -2)
+  out = dict(k=kc, K=K, W1=W(Xs, 0), W2=W(Xs, 1), r=st(rs), z=st(zs), d=st(ds), W1e=W(Xe, 0), W2e=W(Xe, 1))
+  if core == "titans": out.update(S1=W(Xs, 2), S2=W(Xs, 3), alpha=alpha, beta=beta, S1e=W(X, 2), S2e=W(X, 3))   # S*e: after the last chunk
   return out
 
 def deep_read(m:dict, x:Tensor, W:str) -> Tensor:
@@ -188,7 +203,8 @@ def deep_read(m:dict, x:Tensor, W:str) -> Tensor:
   keys, fac = (m["k"], m["d"]) if W == "W2" else (m["z"], m["r"])
   y = x @ m[W].transpose(-1, -2)
   if "alpha" in m: y = m["alpha"].unsqueeze(-1) * y + m["beta"].unsqueeze(-1) * (x @ m["S" + W[1]].transpose(-1, -2))
-  return y - (m["K"] * (x @ keys.transpose(-1, -2))) @ fac
+  # the masked scores (*bs, Nc, T, T) and their gradient in buffers: fused, every output column would recompute its row of them
+  return y - (m["K"] * (x @ keys.transpose(-1, -2))).contiguous().contiguous_backward() @ fac
 
 # ***** segments and the cache *****
 
@@ -329,7 +345,8 @@ def scan_deep(q, k, v, gates, init, blocks, cfg, fused) -> tuple[Tensor, dict, t
   read = lambda W, x: deep_read(m, fold(x).reshape(*bs, -1, T, x.shape[-1]), W).reshape(B, H, Lp, -1)[:, :, :L]
   read2, read1 = (lambda x: read("W2", x)), (lambda h: read("W1", h))
   ends = lambda W: W[:, :, :, -1] if indep else W[:, :, C // T - 1::C // T]                # the weights at each segment's end
-  o = q + read1(read2(q).gelu())                                                           # Eq. 33: o_t = f_{W_t}(q_t)
+  # the hidden layer and its gelu in buffers: the gradients' kernels would recompute them for every column
+  o = q + read1(read2(q).contiguous().gelu().contiguous())                                 # Eq. 33: o_t = f_{W_t}(q_t)
   cache = {"W1": _entries(ends(m["W1e"]), blocks, indep), "W2": _entries(ends(m["W2e"]), blocks, indep)}
   if "S1e" in m and not indep: cache.update(S1=m["S1e"], S2=m["S2e"])                     # titans' momentum after the last token
   return o, cache, (read2, read1)
