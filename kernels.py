@@ -11,6 +11,8 @@ bench.py kernels` times them on the default device.
 One rule when using them: take gradients before realizing the forward. In tinygrad 0.14 realizing a custom kernel's output
 (loss.item(), print(loss.numpy())) replaces its graph with the buffer, and a later .backward() finds no path through the
 kernel: the gradients upstream of it come back as zeros, without an error. train.py realizes loss and gradients together.
+
+Importing it also widens the thread blocks of tinygrad's own elementwise kernels on a GPU (the last section, "wide blocks").
 """
 from __future__ import annotations
 import functools, math, os
@@ -18,8 +20,9 @@ from typing import NamedTuple
 import numpy as np
 from tinygrad import Tensor, UOp, Device, dtypes
 from tinygrad.uop.ops import KernelInfo, AxisType, Ops
-from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 from tinygrad.dtype import AddrSpace
+import tinygrad.codegen.opt.heuristic as _heuristic, tinygrad.engine.worker as _worker
 
 def applies(x:Tensor) -> bool:
   # the kernels take (B,H,L,D) inputs of any float dtype on any device; anything else runs mc.py's references
@@ -993,18 +996,17 @@ def logits(u:Tensor, p:Tensor) -> Tensor:
 # went from 55.6 to 50.9 ms with WIDE_BLOCKS threads a block. Only kernels without a reduction change, and only their launch shape:
 # the same threads gain more neighbours along the same axes (results are identical). The heuristic also runs in tinygrad's compile
 # workers (spawned processes), so their initializer installs it there too. WIDE_BLOCKS=0 in the environment keeps tinygrad's own.
-import tinygrad.codegen.opt.heuristic as _heuristic, tinygrad.engine.worker as _worker   # noqa: E402
-from tinygrad.codegen.opt import KernelOptError   # noqa: E402
 WIDE_BLOCKS = int(os.environ.get("WIDE_BLOCKS", 128))
+_hand_coded = _heuristic.hand_coded_optimizations   # tinygrad's own
 
-def _wide(k, hand_coded=_heuristic.hand_coded_optimizations):
-  k = hand_coded(k)
+def _wide(k):
+  k = _hand_coded(k)
   if not k.ren.has_local or k.axes_of(AxisType.REDUCE, AxisType.GROUP_REDUCE, AxisType.UNROLL): return k
   threads = math.prod(int(k.full_shape[a]) for a in k.axes_of(AxisType.LOCAL))
   for axis in k.axes_of(AxisType.GLOBAL):
-    n = k.full_shape[axis]
+    if not isinstance(n := k.full_shape[axis], int): continue
     for x in (8, 4, 2):
-      if not isinstance(n, int) or threads * x > WIDE_BLOCKS or n % x or n // x < 64: continue
+      if threads * x > WIDE_BLOCKS or n % x or n // x < 64: continue
       try: k.apply_opt(Opt(OptOps.LOCAL, axis, x))
       except KernelOptError: continue
       threads *= x

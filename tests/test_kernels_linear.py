@@ -149,7 +149,7 @@ def test_wide_blocks_on_cuda(monkeypatch):
   ren = _cuda_renderer()
   a, b = Tensor.empty(16384, 512), Tensor.empty(16384, 512)
   def threads(t:Tensor, wide:bool) -> int:
-    monkeypatch.setattr(heuristic, "hand_coded_optimizations", kernels._wide if wide else kernels._wide.__defaults__[0])
+    monkeypatch.setattr(heuristic, "hand_coded_optimizations", kernels._wide if wide else kernels._hand_coded)
     ast = next(u for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo))
     with Context(NOOPT=0): opts = full_rewrite_to_sink(ast, ren).arg.applied_opts   # the tests' CPU default is NOOPT=1
     return int(np.prod([o.arg for o in opts if o.op is OptOps.LOCAL]))
