@@ -811,52 +811,74 @@ def linear(x:Tensor, w:Tensor) -> Tensor:
 
 def _row_lanes(n:int) -> int: return next(u for u in (32, 16, 8, 4, 2, 1) if n % u == 0 and n // u >= min(n, 4))   # 4+ features a lane
 
+# swap: rows of a (B, A1, A2, n) tensor, numbered in that order, that one operand holds as (B, A2, A1, n): the move between a model's
+# (B,L,H,D) and the memory's (B,H,L,D) done by a norm's own loads or stores instead of a transposing pass of its own
+def _swapped(t:UOp, swap:tuple[int, int]|None) -> UOp:
+  if swap is None: return t
+  A1, A2 = swap
+  return (t // (A1 * A2) * A2 + t % A2) * A1 + t // A2 % A1
+
 @functools.cache
-def _rowdot_fxn(T:int, n:int, local:bool):
-  # s[t] = sum_k a[t, k] b[t, k] in float32; with locals, _row_lanes(n) threads a row and 128 threads a block
+def _rowdot_fxn(T:int, n:int, local:bool, swap:tuple|None=None):
+  # s[t] = sum_k a[t, k] b[t, k] in float32, a's row t at _swapped(t, swap); with locals, _row_lanes(n) threads a row and 128 a block
   def fxn(s:UOp, a:UOp, b:UOp) -> UOp:
     t, k = UOp.range(T, 0), UOp.range(n, 1, AxisType.REDUCE)
-    acc = (a[t, k].cast(dtypes.float) * b[t, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+    acc = (a[_swapped(t, swap), k].cast(dtypes.float) * b[t, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
     lanes = _row_lanes(n)
     rows = math.gcd(T, 128 // lanes)
     opts = tuple([Opt(OptOps.GROUP, 0, lanes)] * (lanes > 1) + [Opt(OptOps.LOCAL, 0, rows)] * (rows > 1)) if local else ()
     return s[t].store(acc).end(t).sink(arg=KernelInfo(name="norm_rowdot", opts_to_apply=opts))
   return fxn
 
-def rowdot(a:Tensor, b:Tensor) -> Tensor:
-  """(..., n) . (..., n) -> (...) float32, the sum over the last axis of a * b; its gradient is (g a, g b) by plain broadcasts."""
-  n = a.shape[-1]
-  T, local = math.prod(a.shape[:-1]), _renderer(a.device).has_local
+def rowdot(a:Tensor, b:Tensor, swap:tuple[int, int]|None=None) -> Tensor:
+  """(..., n) . (..., n) -> (...) float32, the sum over the last axis of a * b; its gradient is (g a, g b) by plain broadcasts.
+  swap (A1, A2): a holds its rows as (B, A2, A1, n) where b and the result are (B, A1, A2) (a's gradient then in a's layout)."""
+  n = b.shape[-1]
+  T, local = math.prod(b.shape[:-1]), _renderer(b.device).has_local
   def bwd(g:UOp, call:UOp) -> tuple:
     _, a2, b2 = (Tensor(u) for u in call.src[1:])
     g = Tensor(g).unsqueeze(-1)
-    return (None, (g * b2.float()).cast(a2.dtype).uop, (g * a2.float()).cast(b2.dtype).uop)
-  s = Tensor.empty(T, device=a.device).custom_kernel(*_c(a.reshape(T, n), b.reshape(T, n)), fxn=_rowdot_fxn(T, n, local), grad_fxn=bwd)[0]
-  return s.reshape(a.shape[:-1])
+    if swap is None: return (None, (g * b2.float()).cast(a2.dtype).uop, (g * a2.float()).cast(b2.dtype).uop)
+    return (None, _unswap(g * b2.float(), swap).cast(a2.dtype).uop, (g * _unswap(a2.float(), swap[::-1])).cast(b2.dtype).uop)
+  s = Tensor.empty(T, device=b.device).custom_kernel(*_c(a.reshape(T, n), b.reshape(T, n)), fxn=_rowdot_fxn(T, n, local, swap), grad_fxn=bwd)[0]
+  return s.reshape(b.shape[:-1])
+
+def _unswap(x:Tensor, swap:tuple[int, int]) -> Tensor:
+  # rows (T, n) of a (B, A1, A2) numbering -> the same rows as (B, A2, A1) numbers them
+  A1, A2 = swap
+  return x.reshape(-1, A1, A2, x.shape[-1]).transpose(1, 2).reshape(x.shape)
 
 @functools.cache
-def _mul_rows_fxn(T:int, n:int):
-  # y[t, k] = x[t, k] r[t] in float32 (tinygrad's own elementwise schedule)
+def _mul_rows_fxn(T:int, n:int, swap_in:tuple|None=None, swap_out:tuple|None=None):
+  # y[t, k] = x[t, k] r[t] in float32 (tinygrad's own elementwise schedule); x's row t at _swapped(t, swap_in), y's at _swapped(t, swap_out)
   def fxn(y:UOp, x:UOp, r:UOp) -> UOp:
     t, k = UOp.range(T, 0), UOp.range(n, 1)
-    return y[t, k].store(x[t, k].cast(dtypes.float) * r[t]).end(t, k).sink(arg=KernelInfo(name="norm_scale"))
+    val = x[_swapped(t, swap_in), k].cast(dtypes.float) * r[t]
+    return y[_swapped(t, swap_out), k].store(val).end(t, k).sink(arg=KernelInfo(name="norm_scale"))
   return fxn
 
-def mul_rows(x:Tensor, r:Tensor) -> Tensor:
-  """x (..., n) times r (...), one factor per row -> float32; the gradient to r is rowdot(dy, x)."""
+def mul_rows(x:Tensor, r:Tensor, swap:tuple[int, int]|None=None) -> Tensor:
+  """x (..., n) times r (...), one factor per row -> float32; the gradient to r is rowdot(dy, x). swap (A1, A2): x (B, A1, A2, n)
+  gives y as (B, A2, A1, n), its rows stored where that layout has them."""
   T, n = math.prod(x.shape[:-1]), x.shape[-1]
   def bwd(g:UOp, call:UOp) -> tuple:
     _, x2, r2 = (Tensor(u) for u in call.src[1:])
     g = Tensor(g)
-    return (None, (g * r2.unsqueeze(-1)).cast(x2.dtype).uop, rowdot(g, x2).uop)
-  y = Tensor.empty(T, n, device=x.device).custom_kernel(*_c(x.reshape(T, n), r.float().reshape(T)), fxn=_mul_rows_fxn(T, n), grad_fxn=bwd)[0]
-  return y.reshape(x.shape)
+    if swap is None: return (None, (g * r2.unsqueeze(-1)).cast(x2.dtype).uop, rowdot(g, x2).uop)
+    # g holds the rows as y does: read through the swap, dx in x's layout
+    dx = Tensor.empty(T, n, device=g.device).custom_kernel(*_c(g, r2), fxn=_mul_rows_fxn(T, n, swap, None))[0]
+    return (None, dx.cast(x2.dtype).uop, rowdot(g, x2, swap).uop)
+  y = Tensor.empty(T, n, device=x.device).custom_kernel(*_c(x.reshape(T, n), r.float().reshape(T)), fxn=_mul_rows_fxn(T, n, None, swap),
+                                                        grad_fxn=bwd)[0]
+  return y.reshape(x.shape[0], *x.shape[1:-1][::-1], n) if swap else y.reshape(x.shape)
 
-def norm(x:Tensor, eps:float, rms:bool=True) -> Tensor:
+def norm(x:Tensor, eps:float, rms:bool=True, swap:bool=False) -> Tensor:
   """x (..., n) -> float32 x * r over its last axis: RMSNorm without its weight (r = (mean x^2 + eps)^-1/2) or, rms=False,
-  L2 normalisation (r = 1 / max(|x|, eps), as Tensor.normalize). Its reference is the same expression in plain tinygrad."""
+  L2 normalisation (r = 1 / max(|x|, eps), as Tensor.normalize). Its reference is the same expression in plain tinygrad.
+  swap: x (B, A1, A2, n) -> the result as (B, A2, A1, n), i.e. the norm's .transpose(1, 2) in the norm's own stores."""
   s = rowdot(x, x)
-  return mul_rows(x, (s / x.shape[-1] + eps).rsqrt() if rms else s.sqrt().maximum(eps).reciprocal())
+  r = (s / x.shape[-1] + eps).rsqrt() if rms else s.sqrt().maximum(eps).reciprocal()
+  return mul_rows(x, r, tuple(x.shape[1:3]) if swap else None)
 
 # **** causal_conv ****
 # The causal depthwise conv on q, k, v, y_t = sum_i w_i x_{t-W+1+i} per channel (zeros before the first token), and both its

@@ -488,11 +488,13 @@ def mem_step(st:dict, q:Tensor, k:Tensor, v:Tensor, u:Tensor, g:dict, cfg:MCConf
 def _lin(x:Tensor, w:Tensor, fused:bool) -> Tensor:
   return kernels.linear(x, w) if fused and kernels.linear_applies(x) else (x @ w.cast(x.dtype)).contiguous_backward()
 def _init(fan_in:int, *shape:int, scale:float=1.0) -> Tensor: return Tensor.uniform(*shape, low=-(b := scale / math.sqrt(fan_in)), high=b)
-def _norm(x:Tensor, fused:bool, eps:float, rms:bool=True) -> Tensor:
-  # over the last axis in float32: RMSNorm without its weight, or L2 normalisation (rms=False); fused: kernels.norm, same results
-  if fused: return kernels.norm(x, eps, rms)
-  return x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() if rms else x.float().normalize(dim=-1, eps=eps)
-def _rms(x:Tensor, w:Tensor, fused:bool) -> Tensor: return kernels.scale(_norm(x, fused, 1e-6), w).cast(x.dtype)
+def _norm(x:Tensor, fused:bool, eps:float, rms:bool=True, swap:bool=False) -> Tensor:
+  # over the last axis in float32: RMSNorm without its weight, or L2 normalisation (rms=False); fused: kernels.norm, same results.
+  # swap: x (B, A1, A2, n) -> the result as (B, A2, A1, n), the move between (B,L,H,D) and (B,H,L,D) made by the norm's stores
+  if fused: return kernels.norm(x, eps, rms, swap)
+  y = x.float() * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt() if rms else x.float().normalize(dim=-1, eps=eps)
+  return y.transpose(1, 2) if swap else y
+def _rms(x:Tensor, w:Tensor, fused:bool, swap:bool=False) -> Tensor: return kernels.scale(_norm(x, fused, 1e-6, swap=swap), w).cast(x.dtype)
 def _heads(x:Tensor, H:int) -> Tensor: return x.reshape(*x.shape[:2], H, -1).transpose(1, 2)      # (B,L,H*D) -> (B,H,L,D)
 # the causal depthwise conv on q, k, v (B,L,C): y_t = sum_i w_i x_{t-W+1+i} per channel, zeros before the first token. Made once, its
 # gradient too: else every reduction that reads it (the q and k norms) recomputes it. The reference of kernels.causal_conv
@@ -521,9 +523,9 @@ class Memory:
     # post-conv q,k,v (B,L,3dim) -> heads, L2-normalised q,k, the connector u and the gates, all (B,H,L,...)
     H = self.cfg.n_heads
     q, k, v = qkv.silu().chunk(3, dim=-1)
-    # q, k L2-normalised per head, as (B,L,H,D) rows: each row's D features adjacent in memory
-    q, k = (_norm(x.reshape(*x.shape[:2], H, -1), self.cfg.kernels, 1e-12, rms=False).cast(h.dtype).reshape(x.shape) for x in (q, k))
-    q, k, v = (_heads(x, H) for x in (q, k, v))
+    # q, k L2-normalised per head, read as (B,L,H,D) rows (each row's D features adjacent in memory), stored as heads (B,H,L,D)
+    q, k = (_norm(x.reshape(*x.shape[:2], H, -1), self.cfg.kernels, 1e-12, rms=False, swap=True).cast(h.dtype) for x in (q, k))
+    v = _heads(v, H)
     u = _heads(_lin(h, self.wu, self.cfg.kernels), H) if hasattr(self, "wu") else q   # Eq. 10: u_t = x_t W_u, or q_t
     if not self.gate_names: return q, k, v, u, {}
     g = kernels.scale(_lin(h, self.wg, self.cfg.kernels).float(), self.bg, add=True).sigmoid().reshape(*h.shape[:2], len(self.gate_names), H)
@@ -599,8 +601,8 @@ class Block:
     self.mixer, self.fused = MIXERS[cfg.mixer](cfg), cfg.kernels   # fused: projections through kernels.linear
 
   def _out(self, x:Tensor, h:Tensor, y:Tensor) -> Tensor:
-    # y (B,H,L,D) -> per-head RMSNorm -> gate -> Wo -> residual
-    y = _rms(y, self.onorm, self.fused).transpose(1, 2).reshape(*h.shape)
+    # y (B,H,L,D) -> per-head RMSNorm, stored as (B,L,H,D) -> gate -> Wo -> residual
+    y = _rms(y, self.onorm, self.fused, swap=True).reshape(*h.shape)
     return x + _lin(y * _lin(h, self.wgate, self.fused).silu(), self.wo, self.fused)
 
   def mix(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor:

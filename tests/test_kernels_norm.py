@@ -30,3 +30,29 @@ def test_norm_lanes_emulated():
   assert kernels._row_lanes(512) == 32 and kernels._row_lanes(24) == 4 and kernels._row_lanes(7) == 1
   with Context(DEV="PYTHON::sm_80"):
     for shape, rms in (((8, 512), True), ((2, 3, 24), False)): _check(shape, rms, seed=1)
+
+@pytest.mark.parametrize("shape, rms", [((2, 5, 3, 24), True), ((3, 4, 7, 16), False), ((1, 1, 2, 8), True)])
+def test_norm_swap(shape, rms):
+  # swap: the result stored as (B, A2, A1, n), the reference's .transpose(1, 2); the gradient reaches x in x's own layout
+  rng = np.random.default_rng(sum(shape))
+  xa, ga = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((shape[0], shape[2], shape[1], shape[3])).astype(np.float32)
+  out = []
+  for fn in (lambda x: _ref(x, 1e-6, rms).transpose(1, 2), lambda x: kernels.norm(x, 1e-6, rms, swap=True)):
+    x = Tensor(xa)
+    y = fn(x)
+    out.append([t.numpy() for t in (y, (y * Tensor(ga)).sum().gradient(x)[0])])
+  for name, r, g in zip(("y", "dx"), *out):
+    assert g.shape == r.shape, name
+    assert np.sqrt(np.mean((g - r) ** 2)) <= 1e-4 * np.sqrt(np.mean(r ** 2)), name
+
+def test_rowdot_swap():
+  # rowdot with a's rows stored swapped, and both its gradients, against the transpose written out
+  rng = np.random.default_rng(3)
+  aa, ba, ga = (rng.standard_normal(s).astype(np.float32) for s in ((2, 7, 5, 12), (2, 5, 7, 12), (2, 5, 7)))
+  out = []
+  for fn in (lambda a, b: (a.transpose(1, 2) * b).sum(-1), lambda a, b: kernels.rowdot(a, b, swap=(5, 7))):
+    a, b = Tensor(aa), Tensor(ba)
+    s = fn(a, b)
+    out.append([t.numpy() for t in (s, *(s * Tensor(ga)).sum().gradient(a, b))])
+  for name, r, g in zip(("s", "da", "db"), *out):
+    assert g.shape == r.shape and np.sqrt(np.mean((g - r) ** 2)) <= 1e-4 * np.sqrt(np.mean(r ** 2)), name
