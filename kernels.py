@@ -1020,10 +1020,30 @@ def logits(u:Tensor, p:Tensor) -> Tensor:
 # workers (spawned processes), so their initializer installs it there too. WIDE_BLOCKS=0 in the environment keeps tinygrad's own.
 WIDE_BLOCKS = int(os.environ.get("WIDE_BLOCKS", 128))
 _hand_coded = _heuristic.hand_coded_optimizations   # tinygrad's own
+LANES_LAST = int(os.environ.get("LANES_LAST", 1))
+
+class _NoLocals:
+  # a renderer as tinygrad's heuristic sees it when _wide places the lanes itself: the same in all but has_local
+  has_local = False
+  def __init__(self, ren): self.ren = ren
+  def __getattr__(self, name): return getattr(self.ren, name)
 
 def _wide(k):
+  if not k.ren.has_local or k.axes_of(AxisType.REDUCE, AxisType.GROUP_REDUCE, AxisType.UNROLL): return _hand_coded(k)
+  if LANES_LAST:
+    # tinygrad's upcasts, then lanes along the last axis first: it is the output's contiguous one, where the heuristic would put a
+    # warp's 32 lanes along an axis that some input is broadcast over (a norm's weight over the tokens), each lane a row apart
+    ren, k.ren = k.ren, _NoLocals(k.ren)
+    try: k = _hand_coded(k)
+    finally: k.ren = ren
+    k.ren, threads = ren, 1
+    while (fit := next(((a, x) for a in reversed(k.axes_of(AxisType.GLOBAL)) if isinstance(n := k.full_shape[a], int)
+                        for x in (32, 16, 8, 4, 2) if threads * x <= WIDE_BLOCKS and n % x == 0), None)) is not None:
+      try: k.apply_opt(Opt(OptOps.LOCAL, *fit))
+      except KernelOptError: break
+      threads *= fit[1]
+    return k
   k = _hand_coded(k)
-  if not k.ren.has_local or k.axes_of(AxisType.REDUCE, AxisType.GROUP_REDUCE, AxisType.UNROLL): return k
   threads = math.prod(int(k.full_shape[a]) for a in k.axes_of(AxisType.LOCAL))
   for axis in k.axes_of(AxisType.GLOBAL):
     if not isinstance(n := k.full_shape[axis], int): continue

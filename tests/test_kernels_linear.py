@@ -156,6 +156,25 @@ def test_wide_blocks_on_cuda(monkeypatch):
   assert threads(a + b, False) == 32 and threads(a + b, True) == kernels.WIDE_BLOCKS == 128
   assert threads((a * b).sum(-1), True) == threads((a * b).sum(-1), False)
 
+def test_lanes_along_contiguous_axis(monkeypatch):
+  # kernels._wide on an H100's plan of a norm weight's product, (16384, 512) x (512,): a warp's 32 lanes take adjacent float4s of a
+  # row, where tinygrad's heuristic, which puts lanes first along an axis an input is broadcast over, spaced them a row or more apart
+  import re
+  from tinygrad.uop.ops import Ops, KernelInfo
+  from tinygrad.codegen import full_rewrite_to_sink
+  from tinygrad.codegen.late.linearizer import linearize
+  from tinygrad.helpers import Context
+  import tinygrad.codegen.opt.heuristic as heuristic
+  ren = _cuda_renderer()
+  x, w = Tensor.empty(16384, 512), Tensor.empty(512)
+  def lane_stride(wide:bool) -> int:
+    # elements between the addresses of lanes 0 and 1 (threadIdx.x), from the rendered CUDA source
+    monkeypatch.setattr(heuristic, "hand_coded_optimizations", kernels._wide if wide else kernels._hand_coded)
+    ast = next(u for u in (x * w).cast("bfloat16").linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo))
+    with Context(NOOPT=0): src = ren.render(list(linearize(full_rewrite_to_sink(ast, ren))))
+    return 2 ** int(re.search(r"lidx0<<(\d+)", src).group(1))
+  assert lane_stride(False) >= 512 and lane_stride(True) == 4
+
 def test_wide_blocks_in_compile_workers():
   # tinygrad compiles a graph's kernels in spawned worker processes: the heuristic there is kernels._wide too
   from tinygrad.helpers import Context
