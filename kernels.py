@@ -1034,9 +1034,9 @@ def _wide(k):
     # tinygrad's upcasts, then lanes along the last axis first: it is the output's contiguous one, where the heuristic would put a
     # warp's 32 lanes along an axis that some input is broadcast over (a norm's weight over the tokens), each lane a row apart
     ren, k.ren = k.ren, _NoLocals(k.ren)
-    try: k = _hand_coded(k)
+    try: k = _hand_coded(k)   # the Scheduler it returns (a copy or k) carries the stand-in until the line below
     finally: k.ren = ren
-    k.ren, threads = ren, 1
+    threads = 1
     while (fit := next(((a, x) for a in reversed(k.axes_of(AxisType.GLOBAL)) if isinstance(n := k.full_shape[a], int)
                         for x in (32, 16, 8, 4, 2) if threads * x <= WIDE_BLOCKS and n % x == 0), None)) is not None:
       try: k.apply_opt(Opt(OptOps.LOCAL, *fit))
