@@ -100,7 +100,8 @@ def table(header:list[str], rows:list[list]) -> str:
 
 # **** the kernels: check, kernels, profile ****
 # check: every kernel against its reference on fresh random inputs, forward and forward+backward (every output, every input),
-# both timed; a row whose relative RMS error passes its dtype's tolerance fails. kernels: the speed targets against fla.
+# both timed (linear also against PyTorch's x @ w on CUDA); a row whose relative RMS error passes its dtype's tolerance fails.
+# kernels: the speed targets against fla.
 # Shapes: small on the CPU (a minute or two), BIG elsewhere.
 
 SHAPE = {"CPU": dict(B=1, H=2, L=200, D=16, chunk=16, segment=32)}   # L on no chunk or segment boundary
@@ -231,6 +232,25 @@ def _fla_ms(B:int, H:int, L:int, D:int, dts:tuple, reps:int) -> dict|str:
     return res
   except Exception as e: return f"fla unavailable ({why(e)})"
 
+def _torch_linear_ms(jobs:list[tuple], reps:int) -> list[dict]|str:
+  # PyTorch's x @ w at bench_linear's jobs (tokens, din, dout, dtype), w float32 cast to x's dtype as there: {"fwd": ms,
+  # "fwd+bwd": ms (dx and dw)} per job, or why not. One process for every job: importing PyTorch takes a while
+  try:
+    import torch
+    if not torch.cuda.is_available(): return "torch: no CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False   # float32 rows are float32
+    res = []
+    for T, K, N, dt in jobs:
+      x = torch.randn(T, K, device="cuda", dtype=getattr(torch, dt), requires_grad=True)
+      w, gy = (torch.randn(K, N, device="cuda") * K ** -0.5).requires_grad_(), torch.randn(T, N, device="cuda", dtype=x.dtype)
+      fwd = lambda: x @ w.to(x.dtype)
+      def nograd():
+        with torch.no_grad(): fwd()
+      sync = dict(reps=reps, warm=3, sync=torch.cuda.synchronize)
+      res.append({"fwd": time_ms(nograd, **sync), "fwd+bwd": time_ms(lambda: torch.autograd.grad(fwd(), (x, w), gy), **sync)})
+    return res
+  except Exception as e: return f"PyTorch unavailable ({why(e)})"
+
 def _record(r:tuple, dt:str, **peer) -> dict:
   # a bench_* tuple as a dict; a row without a reference (nan ms) is timed, not checked
   name, shape, err, rel, ref, ker = r
@@ -249,8 +269,12 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
   ("chunk_scan la indep float32", "cache_read ssc const float32 top2") contains one of these strings."""
   sh = SHAPE.get(Device.DEFAULT, BIG)
   reps, rows = reps or (3 if Device.DEFAULT == "CPU" else 20), []
-  def add(new:list, dt:str):
-    for r in new: rows.append(_record(r, dt)); emit(_line(rows[-1]))
+  def add(new:list, dt:str, peer:dict|str|None=None):
+    # peer: PyTorch's {"fwd": ms, "fwd+bwd": ms} for these rows, or why there is none (their peer column reads n/a)
+    for r in new:
+      ms = peer[r[0].split()[-1]] if isinstance(peer, dict) else None
+      rows.append(_record(r, dt, **({} if peer is None else dict(peer="torch", peer_ms=ms, ratio=None if ms is None else r[5] / ms))))
+      emit(_line(rows[-1]))
   if not all(supported(c[-1]) for c in SCAN_CASES): emit(f"  skipping bfloat16 cases: not supported on {Device.DEFAULT} here")
   for core, indep, dt in SCAN_CASES:
     if supported(dt) and (not only or any(o in f"chunk_scan {core}{' indep' * indep} {dt}" for o in only)):
@@ -278,10 +302,13 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
         ref, ker = (functools.partial(mc._norm, fused=f, eps=1e-6, rms=rms) for f in (False, True))
         add(bench_tokens(f"norm {kind}", f"rows={rows_n} n={n} {dt}", ref, ker, [x], reps), dt)
   # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, and
-  # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles)
-  for dt in ("float32", "bfloat16"):
-    for shape in ([(3000, 48, 80)] if Device.DEFAULT == "CPU" else [(8192, 256, 768), (16384, 512, 1376)]):
-      if supported(dt) and (not only or any(o in f"linear {dt}" for o in only)): add(bench_linear(*shape, dtype=getattr(dtypes, dt), reps=reps), dt)
+  # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles), each also against PyTorch's x @ w
+  jobs = [(*shape, dt) for dt in ("float32", "bfloat16") for shape in ([(3000, 48, 80)] if Device.DEFAULT == "CPU" else
+          [(8192, 256, 768), (16384, 512, 1376)]) if supported(dt) and (not only or any(o in f"linear {dt}" for o in only))]
+  peer = isolated(_torch_linear_ms, jobs, reps) if jobs else []
+  if isinstance(peer, str): emit(f"  {peer}: linear timed alone")
+  for i, (*shape, dt) in enumerate(jobs):
+    add(bench_linear(*shape, dtype=getattr(dtypes, dt), reps=reps), dt, peer if isinstance(peer, str) else peer[i])
   return rows
 
 def bench(reps:int=0, emit=print) -> tuple[list[dict], list[dict]]:

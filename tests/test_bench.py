@@ -18,6 +18,14 @@ def test_check(tmp_path, monkeypatch, capsys):
   assert bench.main(["check", "--lengths=64"]) == 2   # another subcommand's option
   assert bench.main(["nope"]) == 2 and bench.main(["--help"]) == 0
 
+def test_linear_peer(capsys):
+  # the linear rows carry PyTorch's x @ w as their peer; without torch or CUDA (the CPU here) it is n/a, with one line saying why
+  rows = bench.validate(("linear float32",), reps=1)
+  assert [r["name"] for r in rows] == ["linear fwd", "linear fwd+bwd"] and all(r["ok"] and r["peer"] == "torch" for r in rows)
+  out = capsys.readouterr().out
+  if rows[0]["peer_ms"] is None: assert "linear timed alone" in out and "torch: n/a" in out
+  else: assert all(r["ratio"] > 0 for r in rows)
+
 def test_kernel_times():
   # the profile's parser: chunk_scan's forward launches its five named kernels once each and its transpose twice
   q, k, v = (Tensor.randn(1, 2, 40, 8).realize() for _ in range(3))
