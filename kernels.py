@@ -675,25 +675,58 @@ def _words(x:UOp) -> UOp:
 
 def _value(w:UOp, hi, dt) -> UOp: return (w >> (hi * 16)).cast(dtypes.uint16).bitcast(dt)   # the low or high half of a word
 
-def _mma_tiles(M:int, N:int, K:int, bufs:int=1) -> tuple[int, int, int]|None:
-  # block tile (BM, BN, BK): the largest of 128, 64, 32 that divide M and N, BK 64 where K allows and bufs shared buffers of both
-  # tiles fit in CUDA's 48 KB of static shared memory; None: shapes it cannot tile
-  BM, BN = (next((b for b in (128, 64, 32) if x % b == 0), None) for x in (M, N))
-  if BM is None or BN is None or K % 32: return None
-  smem = 4 * bufs * ((BM + BN) * 32 + 2 * MMA_PAD * max(BM, BN, 64))   # bytes at BK = 64, either layout, padding included
-  return BM, BN, 64 if K % 64 == 0 and smem <= 48 * 1024 else 32
+def _mma_smem(BM:int, BN:int, BK:int, bufs:int) -> int:
+  # bytes of shared memory for bufs buffers of both tiles, in the larger of their two layouts, padding included
+  return 4 * bufs * sum(max(r * (BK // 2 + MMA_PAD), BK * (r // 2 + MMA_PAD)) for r in (BM, BN))
 
-MMA_PREFETCH = 2   # _gemm's choice of _mma_fxn's variant (its prefetch: 0, 1 or 2), so that all three can be timed in one process
+def _mma_tiles(M:int, N:int, K:int, bufs:int=1, bks:tuple=(64, 32)) -> tuple[int, int, int]|None:
+  # block tile (BM, BN, BK): the largest of 128, 64, 32 that divide M and N, the first BK of bks that divides K and whose bufs
+  # shared buffers fit in CUDA's 48 KB of static shared memory; None: shapes it cannot tile
+  BM, BN = (next((b for b in (128, 64, 32) if x % b == 0), None) for x in (M, N))
+  if BM is None or BN is None: return None
+  threads = 32 * max(1, BM // 64) * max(1, BN // 32)   # as _mma_fxn's warps; each stages whole 16-byte chunks (8 values) of both tiles
+  fits = lambda bk: K % bk == 0 and _mma_smem(BM, BN, bk, bufs) <= 48 * 1024 and all(r * bk // 8 % threads == 0 for r in (BM, BN))
+  return next(((BM, BN, bk) for bk in bks if fits(bk)), None)
+
+# cp.async: a 16-byte global-to-shared copy that bypasses the registers, completing in the background (PTX ISA 7.0+, sm_80+); the
+# source size operand copies that many bytes and fills the rest of the 16 with zeros
+_CP_ASYNC = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"((unsigned)__cvta_generic_to_shared({0})), "l"({1}), "r"({2}));'
+_CP_COMMIT = 'asm volatile("cp.async.commit_group;" ::: "memory");'
+_CP_WAIT = 'asm volatile("cp.async.commit_group;\\n\\tcp.async.wait_group {};" ::: "memory");'   # close the open group, then wait
+
+def _mma_step(TM:int, TN:int, da:int, db:int, ta:bool, tb:bool, dt) -> str:
+  # CUDA for one k16 step of a warp's TM x TN mma tiles, as a CUSTOM's format ({0}: the float32 accumulators, {1}, {2}: this lane's
+  # ldmatrix row address in A's and B's shared tiles; da, db: words from one 16-row (8-column) tile of A (B) to the next)
+  ty = {dtypes.half: "f16", dtypes.bfloat16: "bf16"}[dt]
+  ld = lambda n, t, out, addr: (f'asm volatile("ldmatrix.sync.aligned.m8n8.x{n}{".trans" * t}.shared.b16 {{' + ", ".join(f"%{i}" for i in range(n)) +
+                                f'}}, [%{n}];" : ' + ", ".join(f'"=r"({out}[{i}])' for i in range(n)) + f' : "r"({addr}));')
+  c = lambda i, j: ", ".join(f'"+f"(c[{(i * TN + j) * 4 + e}])' for e in range(4))
+  mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
+  code = ["{ unsigned a[%d][4], b[%d][2]; float *c = @0@;" % (TM, TN),
+          "unsigned sa = (unsigned)__cvta_generic_to_shared(@1@), sb = (unsigned)__cvta_generic_to_shared(@2@);",
+          *[ld(4, ta, f"a[{i}]", f"sa + {4 * da * i}") for i in range(TM)], *[ld(2, tb, f"b[{j}]", f"sb + {4 * db * j}") for j in range(TN)],
+          *[f'asm volatile("{mma}" : {c(i, j)} : "r"(a[{i}][0]), "r"(a[{i}][1]), "r"(a[{i}][2]), "r"(a[{i}][3]), "r"(b[{j}][0]), "r"(b[{j}][1]));'
+            for i in range(TM) for j in range(TN)], "}"]
+  return "\n".join(code).replace("{", "{{").replace("}", "}}").replace("@0@", "{0}").replace("@1@", "{1}").replace("@2@", "{2}")
+
+# _gemm's choice of _mma_fxn's variant (prefetch 0, 1, 2 through registers, 3 and 4 async copies), settable so that all can be
+# timed in one process (the env: in bench.py's runs); for 3 and 4, the shared buffers (stages) and the k tiles to try, the first
+# whose buffers fit (else prefetch 2)
+MMA_PREFETCH, MMA_STAGES = int(os.environ.get("MMA_PREFETCH", 2)), int(os.environ.get("MMA_STAGES", 4))
+MMA_BK = (32, 16)
 
 @functools.cache
-def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int=0):
+def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int=0, stages:int=2):
   # C[s] = A @ B over the s-th of S slices of k, as _gemm_fxn's; warps of 64 x 32 outputs (TM x TN tiles of 16 x 8).
   # prefetch: software pipelining through registers. Tile 0 is staged before the k loop; iteration kt issues the global loads of
   # tile kt+1 into registers first (gated off in the last iteration), runs the mma on tile kt from shared memory, and only then
   # stores the registers into shared memory: the loads' latency hides behind the mma instead of stalling it. 1: one shared buffer,
   # a barrier before the stores and one after; 2: two shared buffers (tile kt+1 goes to the one not read), only the barrier after.
   # Not for one k tile, nor where the next tiles take more than 32 registers a thread (tiles of 128 x 32 have 64 threads): there
-  # the registers cost more warps than the latency they hide
+  # the registers cost more warps than the latency they hide. 3: `stages` shared buffers filled by asynchronous copies (cp.async,
+  # no registers), stages-2 tiles ahead; 4: as 3, and each k step's fragments loaded by ldmatrix and multiplied in one asm block
+  # (_mma_step): tinygrad's fragments are built from 2-byte values, about 6 instructions an mma in the SASS against 1.5 there.
+  # 3 and 4 are CUDA only (inline PTX, sm_80+) and not yet run on a GPU: `MMA_PREFETCH=4 python bench.py check` validates them
   WM, WN = max(1, BM // 64), max(1, BN // 32)
   TM, TN, threads = BM // WM // 16, BN // WN // 8, 32 * WM * WN
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
@@ -706,12 +739,13 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
     tid, wm, wn, g, t = lane + 32 * w, w // WN, w % WN, lane // 4, lane % 4
     kt = UOp.range(K // BK, 6, AxisType.REDUCE)
     pipe = prefetch if K // BK > 1 and (BM + BN) * BK // 2 <= 32 * threads else 0   # the next tiles' words a thread: at most 32
+    if prefetch >= 3: pipe = 3 if K // BK >= stages - 2 and stages >= 3 else 0        # (async copies hold no registers)
     # the block's k-th tiles of words in their global layout, staged in shared memory as they are: k-major (BK, rows/2) for A
     # stored (K, M) and B stored (K, N), row-major (rows, BK/2) for A stored (M, K) and B stored (N, K)
     tile = lambda X, R, r, blk, km, k: (X.reshape(S, K // BK, BK, R // r, r // 2)[s, k, :, blk, :] if km else
                                         X.reshape(R // r, r, S, K // BK, BK // 2)[blk, :, s, k, :])
     tiles = lambda k: (tile(A, M, BM, bm, a_t, k), tile(B, N, BN, bn, not b_t, k))
-    nbuf = 2 if pipe == 2 else 1
+    nbuf = {0: 1, 1: 1, 2: 2, 3: stages}[pipe]
     sh = [UOp.placeholder((nbuf, x.shape[0], x.shape[1] + MMA_PAD), dtypes.uint32, slot=i, addrspace=AddrSpace.LOCAL).shrink_to((nbuf, *x.shape))
           for i, x in enumerate(tiles(kt))]
     def copy(dst:UOp, src:UOp, rid:int, loop:bool=True) -> UOp:
@@ -721,7 +755,30 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
       i, e = UOp.range(n, rid, AxisType.LOOP if loop else AxisType.UPCAST), UOp.range(4, rid + 1, AxisType.UPCAST)
       at = lambda x: x[i, e] if x.addrspace is AddrSpace.REG else x.reshape(n, threads, 4)[i, tid, e]
       return at(dst).store(at(src)).end(i, e)
-    if pipe:
+    if pipe == 3:
+      # copies that bypass the registers (cp.async), in groups of one k tile each: tiles 0 .. stages-3 are in flight before the loop.
+      # Iteration kt issues tile kt+stages-2 into the buffer of tile kt-2 (every warp passed iteration kt-1's barrier, so is done
+      # reading it), closes its group and waits until at most stages-2 groups are pending: tile kt has landed; then a barrier, and
+      # the mma on tile kt with tiles kt+1 .. kt+stages-2 in flight. Past the last tile the copies copy nothing (a source size of 0
+      # fills zeros) into buffers no later tile uses. The copies hang on the wait (a statement of its own would be dropped:
+      # tinygrad keeps only stores, ends and barriers as dependencies)
+      def issue(k:UOp|int, rid:int, after:tuple=()) -> list[UOp]:
+        # a thread's 16-byte chunks of tile k (one copy each, unrolled) into buffer k % stages
+        ok = k < K // BK
+        src = ok.where(k, K // BK - 1) if isinstance(k, UOp) else k   # (the last tile's address for a copy of nothing)
+        size = ok.where(UOp.const(16, dtypes.uint32), UOp.const(0, dtypes.uint32)) if isinstance(ok, UOp) else UOp.const(16, dtypes.uint32)
+        cps = []
+        for i, (d, x) in enumerate(zip(sh, tiles(src))):
+          n = math.prod(x.shape) // (threads * 4)
+          c = UOp.range(n, rid + i, AxisType.LOOP)   # (a loop: an unrolled one gives vector indices that tinygrad cannot fold)
+          at = lambda y: y.reshape(n, threads, 4)[c, tid, 0]
+          cps.append(UOp(Ops.CUSTOM, dtypes.void, (at(d[k % nbuf, :, :]), at(x), size, *after), _CP_ASYNC).end(c))
+        return cps
+      closed: tuple = ()   # the commit of the group before (copies of one tile come after the previous tile's commit)
+      for j in range(stages - 2): closed = (UOp(Ops.CUSTOM, dtypes.void, tuple(issue(j, 30 + 2 * j, closed)), _CP_COMMIT),)
+      wait = UOp(Ops.CUSTOM, dtypes.void, tuple(issue(kt + stages - 2, 26, closed)), _CP_WAIT.format(stages - 2)).barrier()
+      As, Bs = (x.after(wait)[kt % nbuf, :, :] for x in sh)
+    elif pipe:
       # barriers placed by hand: tinygrad's own (after the stores that a read follows, at the end of a loop that stores and reads
       # shared memory) would add one at the top of every iteration. Tile 0 goes to shared memory before the loop
       first = UOp.group(*[copy(d[0, :, :], x, 10 + 2 * i) for i, (d, x) in enumerate(zip(sh, tiles(0)))]).barrier()
@@ -744,20 +801,33 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
     a = [UOp.stack(*[v for kh in (0, 1) for rh in (0, 1) for v in pair(As, (wm * TM + i) * 16 + 8 * rh + g, kp + 4 * kh, a_t)])
          for i in range(TM)]
     b = [UOp.stack(*[v for kh in (0, 1) for v in pair(Bs, (wn * TN + j) * 8 + g, kp + 4 * kh, not b_t)]) for j in range(TN)]
-    mma = [acc[i, j].store(UOp.wmma(a[i], b[j], acc[i, j].after(ks), _TC, "CUDA", 32)) for i in range(TM) for j in range(TN)]
-    body = UOp.group(*mma).end(ks)
-    if pipe:
+    if pipe == 3 and prefetch == 4:
+      # a warp's k step as one asm block: fragments by ldmatrix, lane 8q + r giving the address of row r of 8 x 8 matrix q (A, m16 x
+      # k16: q = 2 kh + rh, rows 8 rh and k 8 kh on; B, k16 x n8: q = kh), a k-major tile read transposed; then the TM x TN mma
+      r, q = lane % 8, lane // 8
+      pa = As[ks * 16 + r + 8 * (q // 2), (wm * TM * 16 + 8 * (q % 2)) // 2] if a_t else As[wm * TM * 16 + r + 8 * (q % 2), ks * 8 + 4 * (q // 2)]
+      pb = Bs[ks * 16 + r + 8 * (q % 2), wn * TN * 4] if not b_t else Bs[wn * TN * 8 + r, ks * 8 + 4 * (q % 2)]
+      rowA, rowB = As.shape[-1] + MMA_PAD, Bs.shape[-1] + MMA_PAD     # words per shared row, padding included
+      step = _mma_step(TM, TN, 8 if a_t else 16 * rowA, 4 if not b_t else 8 * rowB, a_t, not b_t, dt)
+      body = UOp(Ops.CUSTOM, dtypes.void, (acc.reshape(TM * TN * 4).after(ks)[0], pa, pb), step).end(ks)
+    else:
+      mma = [acc[i, j].store(UOp.wmma(a[i], b[j], acc[i, j].after(ks), _TC, "CUDA", 32)) for i in range(TM) for j in range(TN)]
+      body = UOp.group(*mma).end(ks)
+    if pipe in (1, 2):
       # one buffer: every warp's fragment reads of tile kt come before it takes tile kt+1. Two: no barrier there, but the stores still
       # after the mma (placed before it, they would wait for the loads). Both: the stores come before the next iteration's reads
       done = body.barrier() if pipe == 1 else body
       body = UOp.group(*[copy(d.after(done)[(kt + 1) % nbuf, :, :], r.after(*fill), 22 + 2 * i, loop=False)
                          for i, (d, r) in enumerate(zip(sh, regs))]).barrier()
-    acc = acc.after(body.end(kt))
+    loop = body.end(kt)
+    acc = acc.after(loop)
     # a thread's outputs: rows g and g + 8 of each tile, columns 2t and 2t + 1 (float32: one 8-byte store; half: one word)
     val = acc.reshape(TM, TN, 2, 2).cast(C.dtype)
     if C.dtype != dtypes.float:
       C, val = _words(C), val.bitcast(dtypes.uint16).cast(dtypes.uint32)
       val = val[:, :, :, 0] | (val[:, :, :, 1] << 16)
+    # (copies of nothing may still be in flight past the last tile: wait for them before the block can exit)
+    if pipe == 3: C = C.after(UOp(Ops.CUSTOM, dtypes.void, (loop,), 'asm volatile("cp.async.wait_all;" ::: "memory");').barrier())
     out = C.reshape(S, M // BM, WM, TM, 2, 8, N // BN, WN, TN, 4, -1)[s, bm, wm, :, :, g, bn, wn, :, t, :].permute((0, 2, 1, 3))
     st = out.store(val.reshape(out.shape)).end(lane, w, s, bm, bn)
     return st.sink(arg=KernelInfo(name=f"mma{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=()))
@@ -783,8 +853,10 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> 
   S = _slices(K) if a_t else 1
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
   half, tiles = A.dtype in (dtypes.half, dtypes.bfloat16), _tiles(A, M)
-  mma = _mma_tiles(M, N, K // S, 2 if MMA_PREFETCH == 2 else 1) if tiles == "tc" else None
-  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma, MMA_PREFETCH) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
+  # the hand-written product where its tiles fit: MMA_PREFETCH's variant, else (async copies whose stages do not fit) prefetch 2
+  variants = [(MMA_PREFETCH, MMA_STAGES, MMA_BK)] * (MMA_PREFETCH >= 3) + [(min(MMA_PREFETCH, 2), 2 if MMA_PREFETCH >= 2 else 1, (64, 32))]
+  mma = next(((pf, st, tl) for pf, st, bks in variants if (tl := _mma_tiles(M, N, K // S, st, bks))), None) if tiles == "tc" else None
+  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma[2], mma[0], mma[1]) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
   C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=fxn, grad_fxn=grad_fxn)[0]
   return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 

@@ -182,3 +182,32 @@ def test_wide_blocks_in_compile_workers():
   with Context(PARALLEL=2): pool = get_worker_pool()
   try: assert pool.apply(eval, ("__import__('tinygrad.codegen.opt.heuristic', fromlist=['_']).hand_coded_optimizations.__name__",)) == "_wide"
   finally: terminate_worker_pool()
+
+@pytest.mark.parametrize("prefetch, stages", [(3, 3), (4, 4)])
+def test_mma_async_plan(monkeypatch, prefetch, stages):
+  # kernels._mma_fxn's async variants (cp.async copies; 4: fragments by ldmatrix and the mma as one asm block) in their CUDA
+  # source, for the gpu shape's products and the MLP's 1376 columns (narrower tiles, several copies a thread): tiles 0 .. stages-3
+  # copied before the k loop; each iteration copies one tile ahead, closes its group and waits for all but stages-2, then one
+  # barrier before the fragment reads; nothing left in flight at the end. Run on a GPU by `MMA_PREFETCH=4 bench.py check`
+  import re
+  from tinygrad import dtypes
+  from tinygrad.uop.ops import Ops, KernelInfo
+  from tinygrad.codegen import full_rewrite_to_sink
+  from tinygrad.codegen.late.linearizer import linearize
+  ren = _cuda_renderer()
+  monkeypatch.setattr(kernels, "_tiles", lambda A, rows: "tc")
+  monkeypatch.setattr(kernels, "MMA_PREFETCH", prefetch)
+  monkeypatch.setattr(kernels, "MMA_STAGES", stages)
+  for M, K, N in ((16384, 512, 1536), (16384, 512, 1376)):
+    x, w, g = (Tensor.empty(*s, dtype=dtypes.bfloat16) for s in ((M, K), (K, N), (M, N)))
+    for t in (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True)):
+      ast = next(u for u in t.linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo) and u.arg.name.startswith("mma"))
+      src = ren.render(list(linearize(full_rewrite_to_sink(ast, ren))))
+      # the kernel's statements in order, runs collapsed: C a copy, M a commit, W commit-and-wait, B a barrier, L an ldmatrix block,
+      # H a tinygrad mma, A the final wait
+      ev = [("C", "cp.async.cg"), ("W", "cp.async.wait_group"), ("M", "cp.async.commit_group"), ("A", "cp.async.wait_all"),
+            ("B", "__syncthreads"), ("L", "ldmatrix"), ("H", "__WMMA_")]
+      body = src[src.index("__global__"):].splitlines()
+      plan = re.sub(r"(.)\1+", r"\1", "".join(next((c for c, key in ev if key in line), "") for line in body).replace("{", ""))
+      assert re.fullmatch("(CM){%d}CWB%s+AB" % (stages - 2, "L" if prefetch == 4 else "H"), plan), (M, K, N, ast.arg.name, plan)
+      assert src.count("__syncthreads") == 2 and f"wait_group {stages - 2}" in src
