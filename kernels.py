@@ -15,7 +15,7 @@ kernel: the gradients upstream of it come back as zeros, without an error. train
 Importing it also widens the thread blocks of tinygrad's own elementwise kernels on a GPU (the last section, "wide blocks").
 """
 from __future__ import annotations
-import functools, math, os
+import functools, itertools, math, operator, os, types, weakref
 from typing import NamedTuple
 import numpy as np
 from tinygrad import Tensor, UOp, Device, dtypes
@@ -23,6 +23,7 @@ from tinygrad.uop.ops import KernelInfo, AxisType, Ops
 from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 from tinygrad.dtype import AddrSpace
 import tinygrad.codegen.opt.heuristic as _heuristic, tinygrad.engine.worker as _worker
+import tinygrad.schedule.rangeify as _rangeify, tinygrad.schedule.indexing as _indexing
 
 def applies(x:Tensor) -> bool:
   # the kernels take (B,H,L,D) inputs of any float dtype on any device; anything else runs mc.py's references
@@ -1133,3 +1134,83 @@ def _init_worker(init=_worker._init_worker):
 
 if WIDE_BLOCKS and _heuristic.hand_coded_optimizations.__name__ != "_wide":
   _heuristic.hand_coded_optimizations, _worker._init_worker = _wide, _init_worker
+
+# **** store hazards, answered once per node ****
+# tinygrad 0.14's scheduler asks two questions of every store (an optimizer's assign, a buffer that a kernel writes): does its
+# source read the stored buffer at all (rangeify.fix_store_hazard, indexing.realize_store_after_src), and if so, does it reach the
+# buffer through a PERMUTE, FLIP or SHRINK outside a CONTIGUOUS, where a kernel would overwrite what it still reads. Each question
+# walks the whole source graph: a deep-memory training step has ~2400 stores, and the walks took 20 of the 65 s that scheduling a
+# titans step took on this project's 2-core CPU. Here each node's answers are computed once, as bitsets of the buffers it reaches,
+# and the second question walks only the nodes whose bits put such a path below them. The scheduled kernels are the same
+# (tests/test_kernels_linear.py::test_store_hazards_memoized). FAST_HAZARDS=0 in the environment keeps tinygrad's.
+FAST_HAZARDS = int(os.environ.get("FAST_HAZARDS", 1))
+_LEAVES, _ids = (Ops.BUFFER, Ops.PARAM, Ops.AFTER), itertools.count()   # what a store's base is: a buffer, or one after an assign
+_bits, _reads, _walks = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+
+def _bit(u:UOp) -> int:
+  # a leaf's bit; indices are never reused, so a live node's bits never name a buffer that died
+  if u not in _bits: _bits[u] = next(_ids)
+  return 1 << _bits[u]
+
+def _memo(u:UOp, memo, srcs, val):
+  # memo[n] = val(n, [memo[c] for c in srcs(n)]) for u and everything below it, each node once (iteratively: graphs are deep)
+  stack = [u]
+  while stack:
+    n = stack[-1]
+    if n in memo: stack.pop(); continue
+    if todo := [c for c in srcs(n) if c not in memo]: stack.extend(todo); continue
+    memo[n] = val(n, [memo[c] for c in srcs(n)])
+    stack.pop()
+  return memo[u]
+
+def _reads_bits(u:UOp) -> int:
+  # the leaves u reads, as src.toposort(enter_calls=False) would find them (a CALL's function body not entered)
+  srcs = lambda n: n.src[1:] if n.op in (Ops.CALL, Ops.FUNCTION) else n.src
+  return _memo(u, _reads, srcs, lambda n, vs: functools.reduce(operator.or_, vs, _bit(n) if n.op in _LEAVES else 0))
+
+def _walk_bits(u:UOp) -> tuple[int, int, int]:
+  # below u, never inside a CONTIGUOUS (as fix_store_hazard's gated walk): the leaves reached, those reached from some PERMUTE or FLIP,
+  # and those reached from some SHRINK
+  def val(n, vs):
+    r = functools.reduce(operator.or_, (v[0] for v in vs), _bit(n) if n.op in _LEAVES else 0)
+    pf = functools.reduce(operator.or_, (v[1] for v in vs), r if n.op in (Ops.PERMUTE, Ops.FLIP) else 0)
+    return r, pf, functools.reduce(operator.or_, (v[2] for v in vs), r if n.op is Ops.SHRINK else 0)
+  return _memo(u, _walks, lambda n: [c for c in n.src if c.op is not Ops.CONTIGUOUS], val)
+
+def _src_reads(src:UOp, base:UOp) -> bool:
+  return bool(_reads_bits(src) & _bit(base)) if base.op in _LEAVES else base in src.toposort(enter_calls=False)
+
+def _unsafe_path(src:UOp, base:UOp, target:UOp, shrink:bool) -> bool:
+  # fix_store_hazard's question, exactly: is there a PERMUTE or FLIP (or, shrink, a SHRINK other than target itself) below src,
+  # outside CONTIGUOUS, that reaches base? Walks only the nodes whose bits say such a node lies below them
+  b, seen, stack = _bit(base), set(), [src]
+  below = lambda n: (_walks[n][1] | (_walks[n][2] if shrink else 0)) & b
+  while stack:
+    n = stack.pop()
+    if n in seen: continue
+    seen.add(n)
+    if (n.op in (Ops.PERMUTE, Ops.FLIP) or (shrink and n.op is Ops.SHRINK and n is not target)) and _walks[n][0] & b: return True
+    stack.extend(c for c in n.src if c.op is not Ops.CONTIGUOUS and c not in seen and below(c))
+  return False
+
+def _fix_store_hazard(target:UOp, src:UOp, tinygrads):
+  base = target.base
+  if not _src_reads(src, base): return None
+  if base.op not in _LEAVES or src.op is Ops.CONTIGUOUS: return tinygrads(target, src)
+  _walk_bits(src)
+  return target.store(src.contiguous()) if _unsafe_path(src, base, target, target.op_in_backward_slice_with_self(Ops.SHRINK)) else None
+
+def _realize_store_after_src(ctx, dest:UOp, src:UOp):
+  if _src_reads(src, dest.base): ctx.realize_map[src] = None
+
+def _hazard_trampolines():
+  # tinygrad's pattern matchers hold the two functions themselves: their code is swapped for calls of the ones above, which the
+  # modules find as globals; fix_store_hazard's own code stays callable for the stores that need its walk
+  f = _rangeify.fix_store_hazard
+  _rangeify._tinymc_hazard = functools.partial(_fix_store_hazard, tinygrads=types.FunctionType(f.__code__, f.__globals__, f.__name__))
+  _indexing._tinymc_realize = _realize_store_after_src
+  def fix_store_hazard(target, src): return _tinymc_hazard(target, src)   # noqa: F821 (a global of rangeify)
+  def realize_store_after_src(ctx, dest, src): return _tinymc_realize(ctx, dest, src)   # noqa: F821 (a global of indexing)
+  f.__code__, _indexing.realize_store_after_src.__code__ = fix_store_hazard.__code__, realize_store_after_src.__code__
+
+if FAST_HAZARDS and not hasattr(_rangeify, "_tinymc_hazard"): _hazard_trampolines()

@@ -211,3 +211,36 @@ def test_mma_async_plan(monkeypatch, prefetch, stages):
       plan = re.sub(r"(.)\1+", r"\1", "".join(next((c for c, key in ev if key in line), "") for line in body).replace("{", ""))
       assert re.fullmatch("(CM){%d}CWB%s+AB" % (stages - 2, "L" if prefetch == 4 else "H"), plan), (M, K, N, ast.arg.name, plan)
       assert src.count("__syncthreads") == 2 and f"wait_group {stages - 2}" in src
+
+def test_store_hazards_memoized(monkeypatch):
+  # kernels' memoized answers to tinygrad's two store-hazard questions against tinygrad's own walks, for every store of a small
+  # titans+grm training step (optimizer assigns included) and of assigns that do read their buffer through a permute or flip
+  from tinygrad import dtypes
+  from tinygrad.helpers import Context
+  from tinygrad.uop.ops import Ops
+  import tinygrad.schedule.rangeify as rangeify
+  import train
+  from mc import MCConfig, Model
+  assert kernels.FAST_HAZARDS and hasattr(rangeify, "_tinymc_hazard")
+  tinygrads, asked = rangeify._tinymc_hazard.keywords["tinygrads"], []
+  def both(target, src):
+    ours, theirs = kernels._fix_store_hazard(target, src, tinygrads), tinygrads(target, src)
+    assert (ours is None) == (theirs is None) and (ours is None or ours is theirs or ours.src[1].src[0] is theirs.src[1].src[0])
+    assert kernels._src_reads(src, target.base) == (target.base in src.toposort(enter_calls=False))
+    asked.append(ours is not None)
+    return ours
+  monkeypatch.setattr(rangeify, "_tinymc_hazard", both)
+  cfg = MCConfig(dim=32, n_layers=1, n_heads=2, segment=16, chunk=8, core="titans", agg="grm")
+  lm = Model(cfg)
+  opt = train.make_optimizer(lm, train.TrainConfig(model=cfg))
+  x = Tensor.randint(2, 40, high=cfg.vocab, dtype=dtypes.int32)
+  with Context(TRAINING=1):
+    opt.zero_grad()
+    lm(x).sparse_categorical_crossentropy(x, ignore_index=-100).backward()
+    outs = opt.schedule_step()
+  outs[0].linear_with_vars(*outs[1:])
+  a, b = (Tensor.arange(16).reshape(4, 4).float().contiguous().realize() for _ in range(2))
+  a.assign(a.T + 1).realize()
+  b.assign(b.flip(0) * 2).realize()
+  assert len(asked) > 20 and sum(asked) >= 2 and not all(asked)
+  assert np.array_equal(a.numpy(), np.arange(16).reshape(4, 4).T + 1) and np.array_equal(b.numpy(), np.arange(16).reshape(4, 4)[::-1] * 2)
