@@ -217,7 +217,6 @@ def test_store_hazards_memoized(monkeypatch):
   # titans+grm training step (optimizer assigns included) and of assigns that do read their buffer through a permute or flip
   from tinygrad import dtypes
   from tinygrad.helpers import Context
-  from tinygrad.uop.ops import Ops
   import tinygrad.schedule.rangeify as rangeify
   import train
   from mc import MCConfig, Model
