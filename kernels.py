@@ -1142,7 +1142,9 @@ if WIDE_BLOCKS and _heuristic.hand_coded_optimizations.__name__ != "_wide":
 # walks the whole source graph: a deep-memory training step has ~2400 stores, and the walks took 20 of the 65 s that scheduling a
 # titans step took on this project's 2-core CPU. Here each node's answers are computed once, as bitsets of the buffers it reaches,
 # and the second question walks only the nodes whose bits put such a path below them. The scheduled kernels are the same
-# (tests/test_kernels_linear.py::test_store_hazards_memoized). FAST_HAZARDS=0 in the environment keeps tinygrad's.
+# (tests/test_kernels_linear.py::test_store_hazards_memoized). FAST_HAZARDS=0 in the environment keeps tinygrad's. tinygrad copies
+# a matcher function's globals when it first compiles it, so this takes effect where kernels.py is imported before the first
+# schedule (as mc.py, train.py, bench.py do); imported later, tinygrad's walks stay (slower, the same kernels).
 FAST_HAZARDS = int(os.environ.get("FAST_HAZARDS", 1))
 _LEAVES, _ids = (Ops.BUFFER, Ops.PARAM, Ops.AFTER), itertools.count()   # what a store's base is: a buffer, or one after an assign
 _bits, _reads, _walks = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()

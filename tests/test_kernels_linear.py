@@ -214,32 +214,35 @@ def test_mma_async_plan(monkeypatch, prefetch, stages):
 
 def test_store_hazards_memoized(monkeypatch):
   # kernels' memoized answers to tinygrad's two store-hazard questions against tinygrad's own walks, for every store of a small
-  # titans+grm training step (optimizer assigns included) and of assigns that do read their buffer through a permute or flip
+  # titans+grm training step (optimizer assigns included) and of assigns that do read their buffer through a permute or flip.
+  # (Spied on in kernels: tinygrad's pattern matchers keep a copy of the globals their functions saw when first compiled)
   from tinygrad import dtypes
   from tinygrad.helpers import Context
   import tinygrad.schedule.rangeify as rangeify
   import train
   from mc import MCConfig, Model
   assert kernels.FAST_HAZARDS and hasattr(rangeify, "_tinymc_hazard")
-  tinygrads, asked = rangeify._tinymc_hazard.keywords["tinygrads"], []
-  def both(target, src):
-    ours, theirs = kernels._fix_store_hazard(target, src, tinygrads), tinygrads(target, src)
-    assert (ours is None) == (theirs is None) and (ours is None or ours is theirs or ours.src[1].src[0] is theirs.src[1].src[0])
-    assert kernels._src_reads(src, target.base) == (target.base in src.toposort(enter_calls=False))
-    asked.append(ours is not None)
+  tinygrads, reads, unsafe, asked = rangeify._tinymc_hazard.keywords["tinygrads"], kernels._src_reads, kernels._unsafe_path, []
+  def src_reads(src, base):
+    assert (ours := reads(src, base)) == (base in src.toposort(enter_calls=False))
     return ours
-  monkeypatch.setattr(rangeify, "_tinymc_hazard", both)
+  def unsafe_path(src, base, target, shrink):
+    assert (ours := unsafe(src, base, target, shrink)) == (tinygrads(target, src) is not None)
+    asked.append(ours)
+    return ours
+  monkeypatch.setattr(kernels, "_src_reads", src_reads)
+  monkeypatch.setattr(kernels, "_unsafe_path", unsafe_path)
   cfg = MCConfig(dim=32, n_layers=1, n_heads=2, segment=16, chunk=8, core="titans", agg="grm")
   lm = Model(cfg)
   opt = train.make_optimizer(lm, train.TrainConfig(model=cfg))
   x = Tensor.randint(2, 40, high=cfg.vocab, dtype=dtypes.int32)
-  with Context(TRAINING=1):
+  with Context(TRAINING=1, SCACHE=0):   # (a schedule another test cached would ask nothing)
     opt.zero_grad()
     lm(x).sparse_categorical_crossentropy(x, ignore_index=-100).backward()
     outs = opt.schedule_step()
-  outs[0].linear_with_vars(*outs[1:])
-  a, b = (Tensor.arange(16).reshape(4, 4).float().contiguous().realize() for _ in range(2))
-  a.assign(a.T + 1).realize()
-  b.assign(b.flip(0) * 2).realize()
+    outs[0].linear_with_vars(*outs[1:])
+    a, b = (Tensor.arange(16).reshape(4, 4).float().contiguous().realize() for _ in range(2))
+    a.assign(a.T + 1).realize()
+    b.assign(b.flip(0) * 2).realize()
   assert len(asked) > 20 and sum(asked) >= 2 and not all(asked)
   assert np.array_equal(a.numpy(), np.arange(16).reshape(4, 4).T + 1) and np.array_equal(b.numpy(), np.arange(16).reshape(4, 4)[::-1] * 2)
