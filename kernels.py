@@ -798,10 +798,6 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
       # the values k = 2 kp, 2 kp + 1 of one row of a row-major tile (one word), or of a k-major one (two half words)
       if not km: return [_value(X[row, kp], h, dt) for h in (0, 1)]
       return [_value(X[2 * kp + i, row // 2], row % 2, dt) for i in (0, 1)]
-    kp = ks * 8 + t
-    a = [UOp.stack(*[v for kh in (0, 1) for rh in (0, 1) for v in pair(As, (wm * TM + i) * 16 + 8 * rh + g, kp + 4 * kh, a_t)])
-         for i in range(TM)]
-    b = [UOp.stack(*[v for kh in (0, 1) for v in pair(Bs, (wn * TN + j) * 8 + g, kp + 4 * kh, not b_t)]) for j in range(TN)]
     if pipe == 3 and prefetch == 4:
       # a warp's k step as one asm block: fragments by ldmatrix, lane 8q + r giving the address of row r of 8 x 8 matrix q (A, m16 x
       # k16: q = 2 kh + rh, rows 8 rh and k 8 kh on; B, k16 x n8: q = kh), a k-major tile read transposed; then the TM x TN mma
@@ -812,6 +808,10 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
       step = _mma_step(TM, TN, 8 if a_t else 16 * rowA, 4 if not b_t else 8 * rowB, a_t, not b_t, dt)
       body = UOp(Ops.CUSTOM, dtypes.void, (acc.reshape(TM * TN * 4).after(ks)[0], pa, pb), step).end(ks)
     else:
+      kp = ks * 8 + t
+      a = [UOp.stack(*[v for kh in (0, 1) for rh in (0, 1) for v in pair(As, (wm * TM + i) * 16 + 8 * rh + g, kp + 4 * kh, a_t)])
+           for i in range(TM)]
+      b = [UOp.stack(*[v for kh in (0, 1) for v in pair(Bs, (wn * TN + j) * 8 + g, kp + 4 * kh, not b_t)]) for j in range(TN)]
       mma = [acc[i, j].store(UOp.wmma(a[i], b[j], acc[i, j].after(ks), _TC, "CUDA", 32)) for i in range(TM) for j in range(TN)]
       body = UOp.group(*mma).end(ks)
     if pipe in (1, 2):
@@ -1186,6 +1186,7 @@ def _unsafe_path(src:UOp, base:UOp, target:UOp, shrink:bool) -> bool:
   # fix_store_hazard's question, exactly: is there a PERMUTE or FLIP (or, shrink, a SHRINK other than target itself) below src,
   # outside CONTIGUOUS, that reaches base? Walks only the nodes whose bits say such a node lies below them
   b, seen, stack = _bit(base), set(), [src]
+  _walk_bits(src)
   below = lambda n: (_walks[n][1] | (_walks[n][2] if shrink else 0)) & b
   while stack:
     n = stack.pop()
@@ -1199,7 +1200,6 @@ def _fix_store_hazard(target:UOp, src:UOp, tinygrads):
   base = target.base
   if not _src_reads(src, base): return None
   if base.op not in _LEAVES or src.op is Ops.CONTIGUOUS: return tinygrads(target, src)
-  _walk_bits(src)
   return target.store(src.contiguous()) if _unsafe_path(src, base, target, target.op_in_backward_slice_with_self(Ops.SHRINK)) else None
 
 def _realize_store_after_src(ctx, dest:UOp, src:UOp):
