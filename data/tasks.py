@@ -12,7 +12,9 @@
   <word> mentioned in the provided text is: " and the answer bytes, which end the sequence and are the bytes scored. RULER's
   opening instruction line is left out: at byte level it would cost ~150 bytes of every short context.
   Train/eval needles are disjoint: a key word (adjective-noun, as RULER's) is an eval word when the low bit of the first byte
-  of sha256(word) is 1; eval numbers are odd and train numbers even; eval uuids have an odd last hex digit, train an even one.
+  of sha256(word) is 1, and a value (number or uuid) is an eval value by the same rule on its text. A hash, not a visible mark:
+  with train numbers even and eval numbers odd (as before), a model learned that the last digit is even and missed every eval
+  answer's last byte.
 """
 import functools, hashlib, uuid
 import numpy as np
@@ -64,18 +66,19 @@ NOUNS = ("anchor apple badger barrel beacon bottle canyon castle cello comet cri
          "pepper pillow planet quartz rabbit ribbon saddle signal spider tablet thistle tunnel violin walnut window yacht").split()
 WORDS = [f"{a}-{n}" for a in ADJS for n in NOUNS]
 
-def needle_split(word:str) -> str: return "eval" if hashlib.sha256(word.encode()).digest()[0] & 1 else "train"
+def needle_split(text:str) -> str: return "eval" if hashlib.sha256(text.encode()).digest()[0] & 1 else "train"   # a key word's or value's
 @functools.cache
 def _words(split:str) -> list[str]: return [w for w in WORDS if needle_split(w) == split]
 
-def _number(rng:np.random.Generator, split:str) -> str:
-  # 7 digits; the parity carries the split: train even, eval odd
-  return str(int(rng.integers(10**6 // 2, 10**7 // 2)) * 2 + (split == "eval"))
+def _value(draw, split:str) -> str:
+  # draws until the value falls in the split (two draws on average)
+  while needle_split(v := draw()) != split: pass
+  return v
 
-def _uuid(rng:np.random.Generator, split:str) -> str:
-  # uuid4 from 128 random bits; bit 0 (the last hex digit's parity) carries the split and uuid4 leaves it alone
-  bits = (int.from_bytes(rng.bytes(16), "little") & ~1) | (split == "eval")
-  return str(uuid.UUID(int=bits, version=4))
+def _number(rng:np.random.Generator, split:str) -> str: return _value(lambda: str(int(rng.integers(10**6, 10**7))), split)   # 7 digits
+
+def _uuid(rng:np.random.Generator, split:str) -> str:   # uuid4 from 128 random bits
+  return _value(lambda: str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4)), split)
 
 @functools.cache
 def _default_haystack(split:str) -> np.ndarray: return load_corpus(None, "val" if split == "eval" else "train")
