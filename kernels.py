@@ -15,7 +15,7 @@ kernel: the gradients upstream of it come back as zeros, without an error. train
 Importing it also widens the thread blocks of tinygrad's own elementwise kernels on a GPU (the last section, "wide blocks").
 """
 from __future__ import annotations
-import functools, itertools, math, operator, os, types, weakref
+import functools, itertools, math, operator, os, re, types, weakref
 from typing import NamedTuple
 import numpy as np
 from tinygrad import Tensor, UOp, Device, dtypes
@@ -676,17 +676,22 @@ def _words(x:UOp) -> UOp:
 
 def _value(w:UOp, hi, dt) -> UOp: return (w >> (hi * 16)).cast(dtypes.uint16).bitcast(dt)   # the low or high half of a word
 
-def _mma_smem(BM:int, BN:int, BK:int, bufs:int) -> int:
-  # bytes of shared memory for bufs buffers of both tiles, in the larger of their two layouts, padding included
-  return 4 * bufs * sum(max(r * (BK // 2 + MMA_PAD), BK * (r // 2 + MMA_PAD)) for r in (BM, BN))
+def _mma_smem(BM:int, BN:int, BK:int, bufs:int, pad:int=MMA_PAD) -> int:
+  # bytes of shared memory for bufs buffers of both tiles, in the larger of their two layouts, pad words a row included
+  return 4 * bufs * sum(max(r * (BK // 2 + pad), BK * (r // 2 + pad)) for r in (BM, BN))
 
-def _mma_tiles(M:int, N:int, K:int, bufs:int=1, bks:tuple=(64, 32)) -> tuple[int, int, int]|None:
+def _rot(r:UOp, n:int) -> UOp|int:
+  # the swizzled layout (no padding): row r of a shared tile of n 16-byte chunks a row holds its chunk c at (c + _rot(r, n)) % n, so
+  # that the 8 rows an ldmatrix phase reads at one chunk column (rows 8i .. 8i+7) fall in 8 different groups of 4 banks
+  return r % 8 if n >= 8 else (r // (8 // n)) % n if n > 1 else 0
+
+def _mma_tiles(M:int, N:int, K:int, bufs:int=1, bks:tuple=(64, 32), pad:int=MMA_PAD) -> tuple[int, int, int]|None:
   # block tile (BM, BN, BK): the largest of 128, 64, 32 that divide M and N, the first BK of bks that divides K and whose bufs
   # shared buffers fit in CUDA's 48 KB of static shared memory; None: shapes it cannot tile
   BM, BN = (next((b for b in (128, 64, 32) if x % b == 0), None) for x in (M, N))
   if BM is None or BN is None: return None
   threads = 32 * max(1, BM // 64) * max(1, BN // 32)   # as _mma_fxn's warps; each stages whole 16-byte chunks (8 values) of both tiles
-  fits = lambda bk: K % bk == 0 and _mma_smem(BM, BN, bk, bufs) <= 48 * 1024 and all(r * bk // 8 % threads == 0 for r in (BM, BN))
+  fits = lambda bk: K % bk == 0 and _mma_smem(BM, BN, bk, bufs, pad) <= 48 * 1024 and all(r * bk // 8 % threads == 0 for r in (BM, BN))
   return next(((BM, BN, bk) for bk in bks if fits(bk)), None)
 
 # cp.async: a 16-byte global-to-shared copy that bypasses the registers, completing in the background (PTX ISA 7.0+, sm_80+); the
@@ -695,29 +700,30 @@ _CP_ASYNC = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"
 _CP_COMMIT = 'asm volatile("cp.async.commit_group;" ::: "memory");'
 _CP_WAIT = 'asm volatile("cp.async.commit_group;\\n\\tcp.async.wait_group {};" ::: "memory");'   # close the open group, then wait
 
-def _mma_step(TM:int, TN:int, da:int, db:int, ta:bool, tb:bool, dt) -> str:
-  # CUDA for one k16 step of a warp's TM x TN mma tiles, as a CUSTOM's format ({0}: the float32 accumulators, {1}, {2}: this lane's
-  # ldmatrix row address in A's and B's shared tiles; da, db: words from one 16-row (8-column) tile of A (B) to the next)
+def _mma_step(TM:int, TN:int, ta:bool, tb:bool, dt) -> str:
+  # CUDA for one k16 step of a warp's TM x TN mma tiles, as a CUSTOM's format ({0}: the float32 accumulators, {1} .. {TM}: this
+  # lane's ldmatrix row address in A's shared tile for each of its 16-row tiles, {TM+1} .. {TM+TN} in B's for each 8-column tile)
   ty = {dtypes.half: "f16", dtypes.bfloat16: "bf16"}[dt]
   ld = lambda n, t, out, addr: (f'asm volatile("ldmatrix.sync.aligned.m8n8.x{n}{".trans" * t}.shared.b16 {{' + ", ".join(f"%{i}" for i in range(n)) +
                                 f'}}, [%{n}];" : ' + ", ".join(f'"=r"({out}[{i}])' for i in range(n)) + f' : "r"({addr}));')
   c = lambda i, j: ", ".join(f'"+f"(c[{(i * TN + j) * 4 + e}])' for e in range(4))
   mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};"
+  sh = lambda i: f"(unsigned)__cvta_generic_to_shared(@{i}@)"
   code = ["{ unsigned a[%d][4], b[%d][2]; float *c = @0@;" % (TM, TN),
-          "unsigned sa = (unsigned)__cvta_generic_to_shared(@1@), sb = (unsigned)__cvta_generic_to_shared(@2@);",
-          *[ld(4, ta, f"a[{i}]", f"sa + {4 * da * i}") for i in range(TM)], *[ld(2, tb, f"b[{j}]", f"sb + {4 * db * j}") for j in range(TN)],
+          *[ld(4, ta, f"a[{i}]", sh(1 + i)) for i in range(TM)], *[ld(2, tb, f"b[{j}]", sh(1 + TM + j)) for j in range(TN)],
           *[f'asm volatile("{mma}" : {c(i, j)} : "r"(a[{i}][0]), "r"(a[{i}][1]), "r"(a[{i}][2]), "r"(a[{i}][3]), "r"(b[{j}][0]), "r"(b[{j}][1]));'
             for i in range(TM) for j in range(TN)], "}"]
-  return "\n".join(code).replace("{", "{{").replace("}", "}}").replace("@0@", "{0}").replace("@1@", "{1}").replace("@2@", "{2}")
+  return re.sub(r"@(\d+)@", r"{\1}", "\n".join(code).replace("{", "{{").replace("}", "}}"))
 
 # _gemm's choice of _mma_fxn's variant (prefetch 0, 1, 2 through registers, 3 and 4 async copies), settable so that all can be
 # timed in one process (the env: in bench.py's runs); for 3 and 4, the shared buffers (stages) and the k tiles to try, the first
 # whose buffers fit (else prefetch 2)
 MMA_PREFETCH, MMA_STAGES = int(os.environ.get("MMA_PREFETCH", 2)), int(os.environ.get("MMA_STAGES", 4))
+MMA_SWIZZLE = int(os.environ.get("MMA_SWIZZLE", 0))   # 1: prefetch 4's tiles in the swizzled layout (_rot), without padding
 MMA_BK = (32, 16)
 
 @functools.cache
-def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int=0, stages:int=2):
+def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int=0, stages:int=2, swizzle:bool=False):
   # C[s] = A @ B over the s-th of S slices of k, as _gemm_fxn's; warps of 64 x 32 outputs (TM x TN tiles of 16 x 8).
   # prefetch: software pipelining through registers. Tile 0 is staged before the k loop; iteration kt issues the global loads of
   # tile kt+1 into registers first (gated off in the last iteration), runs the mma on tile kt from shared memory, and only then
@@ -727,7 +733,10 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
   # the registers cost more warps than the latency they hide. 3: `stages` shared buffers filled by asynchronous copies (cp.async,
   # no registers), stages-2 tiles ahead; 4: as 3, and each k step's fragments loaded by ldmatrix and multiplied in one asm block
   # (_mma_step): tinygrad's fragments are built from 2-byte values, about 6 instructions an mma in the SASS against 1.5 there.
-  # 3 and 4 are CUDA only (inline PTX, sm_80+) and not yet run on a GPU: `MMA_PREFETCH=4 python bench.py check` validates them
+  # 3 and 4 are CUDA only (inline PTX, sm_80+); `MMA_PREFETCH=4 python bench.py check` validates them (exact on the H100, but no
+  # faster in the training step, where 4 stages of 128 x 128 tiles fit 48 KB only with k tiles of 16: a barrier every k step).
+  # swizzle (4 only): the shared tiles without padding, each row's 16-byte chunks rotated (_rot) so that ldmatrix stays free of
+  # bank conflicts: 3 stages of 128 x 128 tiles with k tiles of 32 then fit 48 KB
   WM, WN = max(1, BM // 64), max(1, BN // 32)
   TM, TN, threads = BM // WM // 16, BN // WN // 8, 32 * WM * WN
   def fxn(C:UOp, A:UOp, B:UOp) -> UOp:
@@ -747,8 +756,13 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
                                         X.reshape(R // r, r, S, K // BK, BK // 2)[blk, :, s, k, :])
     tiles = lambda k: (tile(A, M, BM, bm, a_t, k), tile(B, N, BN, bn, not b_t, k))
     nbuf = {0: 1, 1: 1, 2: 2, 3: stages}[pipe]
-    sh = [UOp.placeholder((nbuf, x.shape[0], x.shape[1] + MMA_PAD), dtypes.uint32, slot=i, addrspace=AddrSpace.LOCAL).shrink_to((nbuf, *x.shape))
-          for i, x in enumerate(tiles(kt))]
+    swz = swizzle and pipe == 3 and prefetch == 4
+    sh = [UOp.placeholder((nbuf, x.shape[0], x.shape[1] + MMA_PAD * (not swz)), dtypes.uint32, slot=i, addrspace=AddrSpace.LOCAL)
+          .shrink_to((nbuf, *x.shape)) for i, x in enumerate(tiles(kt))]
+    def chunk(X:UOp, row:UOp, c:UOp) -> UOp:
+      # the first word of 16-byte chunk c of a row of shared tile X (rows, words), where the layout puts it
+      n = X.shape[-1] // 4
+      return X[row, ((c + _rot(row, n)) % n * 4) if swz else c * 4]
     def copy(dst:UOp, src:UOp, rid:int, loop:bool=True) -> UOp:
       # a thread's 16-byte chunks of a tile (4 words, one load each), or its (n, 4) registers; loop=False unrolls the chunks, so that
       # every load is issued before the first store. rid, rid + 1: range ids of their own (the expander tells upcast ranges by id)
@@ -772,8 +786,9 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
         for i, (d, x) in enumerate(zip(sh, tiles(src))):
           n = math.prod(x.shape) // (threads * 4)
           c = UOp.range(n, rid + i, AxisType.LOOP)   # (a loop: an unrolled one gives vector indices that tinygrad cannot fold)
-          at = lambda y: y.reshape(n, threads, 4)[c, tid, 0]
-          cps.append(UOp(Ops.CUSTOM, dtypes.void, (at(d[k % nbuf, :, :]), at(x), size, *after), _CP_ASYNC).end(c))
+          q, per = c * threads + tid, x.shape[1] // 4  # the chunk's number in the tile, chunks a row
+          dst = chunk(d[k % nbuf, :, :], q // per, q % per)
+          cps.append(UOp(Ops.CUSTOM, dtypes.void, (dst, x.reshape(n, threads, 4)[c, tid, 0], size, *after), _CP_ASYNC).end(c))
         return cps
       closed: tuple = ()   # the commit of the group before (copies of one tile come after the previous tile's commit)
       for j in range(stages - 2): closed = (UOp(Ops.CUSTOM, dtypes.void, tuple(issue(j, 30 + 2 * j, closed)), _CP_COMMIT),)
@@ -801,12 +816,13 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
     if pipe == 3 and prefetch == 4:
       # a warp's k step as one asm block: fragments by ldmatrix, lane 8q + r giving the address of row r of 8 x 8 matrix q (A, m16 x
       # k16: q = 2 kh + rh, rows 8 rh and k 8 kh on; B, k16 x n8: q = kh), a k-major tile read transposed; then the TM x TN mma
+      # (a tile's 16-row (8-column) piece i starts 16 i rows (2 i chunks) on in a row-major (k-major) tile: a chunk of 8 values)
       r, q = lane % 8, lane // 8
-      pa = As[ks * 16 + r + 8 * (q // 2), (wm * TM * 16 + 8 * (q % 2)) // 2] if a_t else As[wm * TM * 16 + r + 8 * (q % 2), ks * 8 + 4 * (q // 2)]
-      pb = Bs[ks * 16 + r + 8 * (q % 2), wn * TN * 4] if not b_t else Bs[wn * TN * 8 + r, ks * 8 + 4 * (q % 2)]
-      rowA, rowB = As.shape[-1] + MMA_PAD, Bs.shape[-1] + MMA_PAD     # words per shared row, padding included
-      step = _mma_step(TM, TN, 8 if a_t else 16 * rowA, 4 if not b_t else 8 * rowB, a_t, not b_t, dt)
-      body = UOp(Ops.CUSTOM, dtypes.void, (acc.reshape(TM * TN * 4).after(ks)[0], pa, pb), step).end(ks)
+      pa = [chunk(As, ks * 16 + r + 8 * (q // 2), wm * TM * 2 + 2 * i + q % 2) if a_t else
+            chunk(As, wm * TM * 16 + 16 * i + r + 8 * (q % 2), ks * 2 + q // 2) for i in range(TM)]
+      pb = [chunk(Bs, ks * 16 + r + 8 * (q % 2), wn * TN + j) if not b_t else chunk(Bs, wn * TN * 8 + 8 * j + r, ks * 2 + q % 2)
+            for j in range(TN)]
+      body = UOp(Ops.CUSTOM, dtypes.void, (acc.reshape(TM * TN * 4).after(ks)[0], *pa, *pb), _mma_step(TM, TN, a_t, not b_t, dt)).end(ks)
     else:
       kp = ks * 8 + t
       a = [UOp.stack(*[v for kh in (0, 1) for rh in (0, 1) for v in pair(As, (wm * TM + i) * 16 + 8 * rh + g, kp + 4 * kh, a_t)])
@@ -855,9 +871,12 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> 
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
   half, tiles = A.dtype in (dtypes.half, dtypes.bfloat16), _tiles(A, M)
   # the hand-written product where its tiles fit: MMA_PREFETCH's variant, else (async copies whose stages do not fit) prefetch 2
-  variants = [(MMA_PREFETCH, MMA_STAGES, MMA_BK)] * (MMA_PREFETCH >= 3) + [(min(MMA_PREFETCH, 2), 2 if MMA_PREFETCH >= 2 else 1, (64, 32))]
-  mma = next(((pf, st, tl) for pf, st, bks in variants if (tl := _mma_tiles(M, N, K // S, st, bks))), None) if tiles == "tc" else None
-  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma[2], mma[0], mma[1]) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
+  swz = bool(MMA_SWIZZLE) and MMA_PREFETCH == 4
+  variants = ([(MMA_PREFETCH, MMA_STAGES, MMA_BK, swz)] * (MMA_PREFETCH >= 3) +
+              [(min(MMA_PREFETCH, 2), 2 if MMA_PREFETCH >= 2 else 1, (64, 32), False)])
+  mma = next(((pf, st, tl, sw) for pf, st, bks, sw in variants if (tl := _mma_tiles(M, N, K // S, st, bks, 0 if sw else MMA_PAD))),
+             None) if tiles == "tc" else None
+  fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma[2], mma[0], mma[1], mma[3]) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
   C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=fxn, grad_fxn=grad_fxn)[0]
   return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 

@@ -183,8 +183,17 @@ def test_wide_blocks_in_compile_workers():
   try: assert pool.apply(eval, ("__import__('tinygrad.codegen.opt.heuristic', fromlist=['_']).hand_coded_optimizations.__name__",)) == "_wide"
   finally: terminate_worker_pool()
 
-@pytest.mark.parametrize("prefetch, stages", [(3, 3), (4, 4)])
-def test_mma_async_plan(monkeypatch, prefetch, stages):
+def test_mma_swizzle_conflict_free():
+  # kernels._rot's layout: in a shared tile of n 16-byte chunks a row (no padding), the 8 rows that one ldmatrix phase reads at one
+  # chunk column (rows 8i .. 8i+7) fall in 8 different groups of 4 banks (the word address / 4, mod 8), for every column
+  for n in (2, 4, 8, 16):
+    for r0 in range(0, 64, 8):
+      for c in range(n):
+        groups = {(r * n + (c + kernels._rot(r, n)) % n) % 8 for r in range(r0, r0 + 8)}
+        assert len(groups) == 8, (n, r0, c)
+
+@pytest.mark.parametrize("prefetch, stages, swizzle", [(3, 3, 0), (4, 4, 0), (4, 3, 1)])
+def test_mma_async_plan(monkeypatch, prefetch, stages, swizzle):
   # kernels._mma_fxn's async variants (cp.async copies; 4: fragments by ldmatrix and the mma as one asm block) in their CUDA
   # source, for the gpu shape's products and the MLP's 1376 columns (narrower tiles, several copies a thread): tiles 0 .. stages-3
   # copied before the k loop; each iteration copies one tile ahead, closes its group and waits for all but stages-2, then one
@@ -198,6 +207,7 @@ def test_mma_async_plan(monkeypatch, prefetch, stages):
   monkeypatch.setattr(kernels, "_tiles", lambda A, rows: "tc")
   monkeypatch.setattr(kernels, "MMA_PREFETCH", prefetch)
   monkeypatch.setattr(kernels, "MMA_STAGES", stages)
+  monkeypatch.setattr(kernels, "MMA_SWIZZLE", swizzle)
   for M, K, N in ((16384, 512, 1536), (16384, 512, 1376)):
     x, w, g = (Tensor.empty(*s, dtype=dtypes.bfloat16) for s in ((M, K), (K, N), (M, N)))
     for t in (kernels._gemm(x, w), kernels._gemm(g, w, b_t=True), kernels._gemm(x, g, a_t=True)):
@@ -211,6 +221,9 @@ def test_mma_async_plan(monkeypatch, prefetch, stages):
       plan = re.sub(r"(.)\1+", r"\1", "".join(next((c for c, key in ev if key in line), "") for line in body).replace("{", ""))
       assert re.fullmatch("(CM){%d}CWB%s+AB" % (stages - 2, "L" if prefetch == 4 else "H"), plan), (M, K, N, ast.arg.name, plan)
       assert src.count("__syncthreads") == 2 and f"wait_group {stages - 2}" in src
+      # swizzled: no padding, so that 3 stages of 128 x 128 tiles with k tiles of 32 fill the 48 KB exactly
+      smem = 4 * sum(int(n) for n in re.findall(r"__shared__ __align__\(16\) uint buf\d+\[(\d+)\]", src))
+      if swizzle and N == 1536: assert smem == 3 * 4 * 2 * 128 * 16, smem
 
 def test_store_hazards_memoized(monkeypatch):
   # kernels' memoized answers to tinygrad's two store-hazard questions against tinygrad's own walks, for every store of a small
