@@ -301,10 +301,11 @@ def validate(only:tuple=(), reps:int=0, emit=print) -> list[dict]:
         x = Tensor.randn(rows_n, n).cast(dt).realize()
         ref, ker = (functools.partial(mc._norm, fused=f, eps=1e-6, rms=rms) for f in (False, True))
         add(bench_tokens(f"norm {kind}", f"rows={rows_n} n={n} {dt}", ref, ker, [x], reps), dt)
-  # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, and
-  # the gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles), each also against PyTorch's x @ w
+  # linear: the projections' products at token counts that split their weight gradient (on a GPU the default preset's qkv, the
+  # gpu preset's MLP, whose 1376 columns take the hand-written product's narrowest tiles, and its gates' 24 columns, padded to 32
+  # for it), each also against PyTorch's x @ w
   jobs = [(*shape, dt) for dt in ("float32", "bfloat16") for shape in ([(3000, 48, 80)] if Device.DEFAULT == "CPU" else
-          [(8192, 256, 768), (16384, 512, 1376)]) if supported(dt) and (not only or any(o in f"linear {dt}" for o in only))]
+          [(8192, 256, 768), (16384, 512, 1376), (16384, 512, 24)]) if supported(dt) and (not only or any(o in f"linear {dt}" for o in only))]
   peer = isolated(_torch_linear_ms, jobs, reps) if jobs else []
   if isinstance(peer, str): emit(f"  {peer}: linear timed alone")
   for i, (*shape, dt) in enumerate(jobs):

@@ -887,6 +887,13 @@ def linear_applies(x:Tensor) -> bool:
 
 def linear(x:Tensor, w:Tensor) -> Tensor:
   """x (..., K) @ w (K, N) in x's dtype, w cast to it (its gradient flows back through the cast). Its reference is x @ w."""
+  (K, N), up = w.shape, lambda n: -(-n // 32) * 32
+  if (K % 32 or N % 32) and _tiles(x, math.prod(x.shape[:-1])) == "tc":
+    # the hand-written tensor-core product tiles by 32: zero rows and columns of w (and columns of x) bring a narrow projection (the
+    # gates' 3 H outputs) to it, and the extra outputs are sliced off. tinygrad's own tensor-core schedule had taken 0.3 ms for the
+    # gates' 16384 x 512 x 24 weight gradient at the gpu shape (H100), a product of 0.4 GFLOP
+    y = linear(x.pad(((0, 0),) * (x.ndim - 1) + ((0, up(K) - K),)), w.pad(((0, up(K) - K), (0, up(N) - N))))
+    return y[..., :N]
   def bwd(gy:UOp, call:UOp) -> tuple:
     _, x2, wc = (Tensor(u) for u in call.src[1:])
     gy = Tensor(gy)[0].contiguous()
@@ -1098,11 +1105,60 @@ def embed(emb:Tensor, tokens:Tensor) -> Tensor:
   hot = tokens.reshape(G, T // G, 1) == Tensor.arange(V)                   # (G, T/G, V)
   return (hot.unsqueeze(-1).where(eg.unsqueeze(1), 0.0)).sum(2).reshape(*tokens.shape, D)
 
+# The cache logits z_tn = u_t . p_n of every token against every entry's summary, and their gradients, as kernels of their own:
+# tinygrad fused them with the online logit and the softmax into a reduce of 64 blocks whose lanes read rows 2048 values apart
+# (1.57 ms of the gpu step on an H100), and reduced dp over each token group in 2048 threads (1.29 ms). Here the lanes run along D.
+
+@functools.cache
+def _logits_fxn(T:int, L:int, N:int, D:int, local:bool):
+  # z[t, n] = sum_d u[t, d] p[t // L, n, d] in float32 (t: a (batch, head, token) row), lanes along d as rowdot's
+  def fxn(z:UOp, u:UOp, p:UOp) -> UOp:
+    t, n, k = UOp.range(T, 0), UOp.range(N, 1), UOp.range(D, 2, AxisType.REDUCE)
+    acc = (u[t, k].cast(dtypes.float) * p[t // L, n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+    lanes = _row_lanes(D)
+    rows = math.gcd(T, 128 // lanes)
+    opts = tuple([Opt(OptOps.GROUP, 0, lanes)] * (lanes > 1) + [Opt(OptOps.LOCAL, 0, rows)] * (rows > 1)) if local else ()
+    return z[t, n].store(acc).end(t, n).sink(arg=KernelInfo(name="cache_logits", opts_to_apply=opts))
+  return fxn
+
+@functools.cache
+def _logits_du_fxn(T:int, L:int, N:int, D:int, g:_Grid):
+  # du[t, d] = sum_n gz[t, n] p[t // L, n, d]: a thread per (t, d), lanes along d
+  def fxn(du:UOp, gz:UOp, p:UOp) -> UOp:
+    t, (d, thread) = UOp.range(T, 0), _lanes(D, 1, g)
+    n = _red(N, 3)
+    acc = _reduce(gz[t, n] * p[t // L, n, d].cast(dtypes.float), n)
+    return _sink(du[t, d].store(acc.cast(du.dtype)).end(t, *thread), "cache_logits_du")
+  return fxn
+
+@functools.cache
+def _logits_dp_fxn(R:int, L:int, N:int, D:int, TG:int, g:_Grid):
+  # dpp[r, j, n, d] = sum over the TG tokens t of group j of row r of gz[t, n] u[t, d]: a thread per (r, j, n, d), lanes along d;
+  # the caller sums the groups
+  def fxn(dpp:UOp, gz:UOp, u:UOp) -> UOp:
+    r, j, n = UOp.range(R, 0), UOp.range(L // TG, 1), UOp.range(N, 2)
+    d, thread = _lanes(D, 3, g)
+    i = _red(TG, 5)
+    t = r * L + j * TG + i
+    acc = _reduce(gz[t, n] * u[t, d].cast(dtypes.float), i)
+    return _sink(dpp[r, j, n, d].store(acc).end(r, j, n, *thread), "cache_logits_dp")
+  return fxn
+
 def logits(u:Tensor, p:Tensor) -> Tensor:
-  """u (B,H,L,D) @ p (B,H,N,D)^T -> (B,H,L,N): every token against every cache entry's summary."""
-  B, H, L, D = u.shape
-  pg = p.unsqueeze(2).expand(B, H, G := _token_groups(L), *p.shape[2:]).contiguous_backward()
-  return (u.reshape(B, H, G, L // G, D) @ pg.transpose(-1, -2)).reshape(B, H, L, p.shape[2])
+  """u (B,H,L,D) @ p (B,H,N,D)^T -> (B,H,L,N) float32: every token against every cache entry's summary. Its reference is
+  u.float() @ p.float().transpose(-1, -2)."""
+  (B, H, L, D), N = u.shape, p.shape[2]
+  if N == 0: return Tensor.zeros(B, H, L, 0, device=u.device)
+  R, T, grid = B * H, B * H * L, _grid(u.device)
+  def bwd(gz:UOp, call:UOp) -> tuple:
+    _, u2, p2 = (Tensor(x) for x in call.src[1:])
+    gz, TG = Tensor(gz).contiguous(), math.gcd(L, 64)
+    du = Tensor.empty(T, D, dtype=u2.dtype, device=u2.device).custom_kernel(gz, p2, fxn=_logits_du_fxn(T, L, N, D, grid))[0]
+    dpp = Tensor.empty(R, L // TG, N, D, device=u2.device).custom_kernel(gz, u2, fxn=_logits_dp_fxn(R, L, N, D, TG, grid))[0]
+    return (None, du.uop, dpp.sum(1).cast(p2.dtype).uop)
+  fxn = _logits_fxn(T, L, N, D, grid.lanes is AxisType.LOCAL)
+  z = Tensor.empty(T, N, device=u.device).custom_kernel(*_c(u.reshape(T, D), p.reshape(R, N, D)), fxn=fxn, grad_fxn=bwd)[0]
+  return z.reshape(B, H, L, N)
 
 # **** wide blocks ****
 # tinygrad 0.14's heuristic gives an elementwise kernel over one flat axis blocks of 32 threads. A GPU then holds half the threads

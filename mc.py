@@ -292,7 +292,7 @@ def read_cache(cfg:MCConfig, q:Tensor, o:Tensor, u:Tensor, cache:dict, p_on:Tens
   read1) of the online W_t."""
   agg, D = AGG[cfg.agg], q.shape[-1]
   if agg.weights is None: return o
-  z, z_on = kernels.logits(u, cache["p"]) / math.sqrt(D), (u * p_on).sum(-1) / math.sqrt(D)    # Eqs. 10, 16
+  z, z_on = kernels.logits(u, cache["p"]) / math.sqrt(D), kernels.rowdot(u, p_on) / math.sqrt(D)    # Eqs. 10, 16
   if "M" in cache: return (kernels.cache_read if fused else cache_read_ref)(q, o, cache["M"], z, z_on, reads, C, agg.linear, cfg.topk)
   g_on, g = agg.weights(z, z_on, _mask(reads, C, q.shape[2], q.device), cfg.topk)
   W1, W2, g_on, g = cache["W1"], cache["W2"], g_on.unsqueeze(-1), g.permute(0, 1, 3, 2).unsqueeze(-1)   # W (B,H,N,...), g (B,H,N,L,1)

@@ -44,6 +44,29 @@ def test_linear_mma_emulated():
     assert o.shape == r.shape, name
     assert np.sqrt(np.mean((o - r) ** 2)) <= 1e-2 * np.sqrt(np.mean(r ** 2)), name
 
+def test_linear_padded_emulated():
+  # kernels.linear on a projection whose widths do not tile by 32 (the gates' 3 H outputs; an odd input width too): padded with
+  # zeros onto the hand-written tensor-core product (no tinygrad-scheduled product left), on the emulated tensor cores, output
+  # and both gradients against float32 products of the same rounded inputs
+  from tinygrad import dtypes
+  from tinygrad.helpers import Context
+  from tinygrad.uop.ops import Ops, KernelInfo
+  bf, rng = dtypes.bfloat16, np.random.default_rng(3)
+  for K, N in ((64, 24), (40, 96)):
+    xa, wa, ga = rng.standard_normal((2, 256, K)), rng.standard_normal((K, N)) / 8, rng.standard_normal((2, 256, N))
+    with Context(DEV="PYTHON::sm_80"):
+      x, w, g = (Tensor(a.astype(np.float32)) for a in (xa, wa, ga))
+      x = x.cast(bf).contiguous()
+      y = kernels.linear(x, w)
+      outs = [y, *(y.float() * g).sum().gradient(x, w)]
+      names = {u.arg.name for o in outs for u in o.uop.toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo)}
+      assert any(n.startswith("mma") for n in names) and not any(n.startswith("gemm") for n in names), names
+      got = [t.float().numpy() for t in outs]
+    xr, wr, gr = x.float().numpy(), w.cast(bf).float().numpy(), g.cast(bf).float().numpy()
+    for name, r, o in zip(("y", "dx", "dw"), (xr @ wr, gr @ wr.T, np.einsum("bld,bln->dn", xr, gr)), got):
+      assert o.shape == r.shape, (K, N, name)
+      assert np.sqrt(np.mean((o - r) ** 2)) <= 1e-2 * np.sqrt(np.mean(r ** 2)), (K, N, name)
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_mma_emulated(monkeypatch, prefetch):
   # kernels._mma_fxn's variants (kernels.MMA_PREFETCH) on the emulated tensor cores against float32 products of the same rounded

@@ -58,3 +58,23 @@ def test_cache_read_tiled(agg, monkeypatch):
   # the GPU's tiling (4 x 8 outputs per thread) run on the CPU: its index arithmetic, L on no segment boundary
   monkeypatch.setattr(kernels, "_REGS_NOLOCAL", kernels._REGS)
   _check(2, 2, 100, 16, 32, agg, 2)
+
+def _logits_check(B:int, H:int, L:int, N:int, D:int, seed:int=0):
+  # kernels.logits (u . p of every token against every entry) and both its gradients against the product in plain tinygrad
+  rng = np.random.default_rng(seed)
+  ua, pa, ga = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, L, D), (B, H, N, D), (B, H, L, N)))
+  out = []
+  for fn in (lambda u, p: u @ p.transpose(-1, -2), kernels.logits):
+    u, p = Tensor(ua), Tensor(pa)
+    z = fn(u, p)
+    out.append([t.numpy() for t in (z, *(z * Tensor(ga)).sum().gradient(u, p))])
+  for name, r, g in zip(("z", "du", "dp"), *out):
+    assert g.shape == r.shape and np.sqrt(np.mean((g - r) ** 2)) <= 1e-5 * np.sqrt(np.mean(r ** 2)), (B, H, L, N, D, name)
+
+@pytest.mark.parametrize("shape", [(3, 1, 100, 3, 16), (2, 2, 257, 5, 24), (1, 2, 1, 2, 64), (1, 1, 128, 1, 8)])
+def test_logits(shape): _logits_check(*shape)
+
+def test_logits_lanes_emulated():
+  # the GPU's schedules (lanes along D, token groups of 64 for dp) on tinygrad's Python emulator of CUDA
+  from tinygrad.helpers import Context
+  with Context(DEV="PYTHON::sm_80"): _logits_check(1, 2, 128, 3, 64, seed=1)
