@@ -359,11 +359,13 @@ def _read_fxn(L:int, C:int, with_o:bool, g:_Grid, name:str):
 @functools.cache
 def _score_fxn(L:int, C:int, g:_Grid):
   # a_tr = dy_t . M_e(t,r) q_t, the gradient of the slot weight w_tr: one D x D bilinear form per (token, slot). Tiled with the
-  # lanes along the tokens (q and dy come transposed, (B,H,D,L), so that their loads are coalesced) and the slots along the
-  # rows, so that the lanes of a block load the same M_e (a broadcast; lanes along the slots would each load another entry).
-  # Stored transposed, aT (B,H,Kp,L); the Kp - K spare slots read the last one and are sliced off
-  def fxn(aT:UOp, dyT:UOp, M:UOp, qT:UOp, ent:UOp) -> UOp:
-    B, H, D, _ = qT.shape
+  # lanes along the tokens and the slots along the rows, so that the lanes of a block load the same M_e (a broadcast; lanes along
+  # the slots would each load another entry). q and dy are read in their own (B,H,L,D) layout: a lane walks its token's row, which
+  # the L1 cache holds after its first load (transposed copies, which made every load coalesced, cost tinygrad two transposing
+  # passes over 33 MB each a layer at the gpu shape). Stored transposed, aT (B,H,Kp,L); the Kp - K spare slots read the last one
+  # and are sliced off
+  def fxn(aT:UOp, dy:UOp, M:UOp, q:UOp, ent:UOp) -> UOp:
+    B, H, _, D = q.shape
     Kp, RT = aT.shape[2], math.gcd(C, 128)
     b, h, s, rt = UOp.range(B, 0), UOp.range(H, 1), UOp.range(-(-L // C), 2), UOp.range(C // RT, 3)
     col, r, thread = _tile(g, RT, Kp)
@@ -371,8 +373,8 @@ def _score_fxn(L:int, C:int, g:_Grid):
     ok, t = t < L, (t < L).where(t, L - 1)
     d, (j, jred) = _red(D, 5), _split(D, 6, AxisType.REDUCE)
     rr = r.minimum(ent.shape[-1] - 1) if Kp > ent.shape[-1] else r
-    mq = _reduce(qT[b, h, j, t] * M[b, h, _entry(ent, M.shape[2], b, h, s, t, rr), d, j], *jred)   # (M_e q_t)[d]
-    acc = _reduce(dyT[b, h, d, t] * mq, d)
+    mq = _reduce(q[b, h, t, j] * M[b, h, _entry(ent, M.shape[2], b, h, s, t, rr), d, j], *jred)   # (M_e q_t)[d]
+    acc = _reduce(dy[b, h, t, d] * mq, d)
     return _store(aT, (b, h, r, t), acc, ok).end(b, h, s, rt, *thread).sink(arg=KernelInfo(name="cache_read_dw", opts_to_apply=()))
   return fxn
 
@@ -521,7 +523,13 @@ def _groups(ns:int) -> list[tuple[int, int]]:
   edges = sorted({0, ns, *(int(round(ns * i / G)) for i in range(1, G))} - {1})
   return list(zip(edges[:-1], edges[1:]))
 
-def _c(*xs:Tensor) -> list[Tensor]: return [x.contiguous() for x in xs]   # kernel inputs as plain buffers, never views
+def _c(*xs:Tensor) -> list[Tensor]:
+  # kernel inputs as plain buffers, never views; a reshape of a buffer or of a kernel's output is one already (a contiguous after it
+  # would copy it: the qkv projection's 50 MB into the conv, once a layer at the gpu shape)
+  def plain(u:UOp) -> bool:
+    while u.op is Ops.RESHAPE: u = u.src[0]
+    return u.op in (Ops.BUFFER, Ops.CONTIGUOUS) or (u.op is Ops.AFTER and plain(u.src[0]))   # (AFTER: a kernel's output buffer)
+  return [x if plain(x.uop) else x.contiguous() for x in xs]
 
 def _softmax(z_on:Tensor, zs:Tensor) -> tuple[Tensor, Tensor]:
   # one softmax over the online logit and the slots' logits (-inf for slots not read): Eq. 10 and Eq. 17's weights
@@ -547,8 +555,7 @@ def _read(q:Tensor, o:Tensor, M:Tensor, w:Tensor, w_on:Tensor, ent:Tensor, C:int
       # the slots padded to a multiple of the rows a thread holds (or of the power of two that covers them, when fewer)
       K = w.shape[3]
       Kp = -(-K // (u := min(g.regs[1], 1 << (K - 1).bit_length()))) * u
-      aT = Tensor.empty(*w.shape[:2], Kp, L, device=dev).custom_kernel(*_c(gy.transpose(-1, -2), M, q.transpose(-1, -2), ent),
-                                                                       fxn=_score_fxn(L, C, g))[0]
+      aT = Tensor.empty(*w.shape[:2], Kp, L, device=dev).custom_kernel(*_c(gy, M, q, ent), fxn=_score_fxn(L, C, g))[0]
       gw = aT[:, :, :K].transpose(-1, -2)
     # dM: a static table sums over the (segment, slot) pairs of each entry, ssc over its sorted selected pairs
     if inv is not None:
