@@ -884,7 +884,7 @@ def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> 
   mma = next(((pf, st, tl, sw) for pf, st, bks, sw in variants if (tl := _mma_tiles(M, N, K // S, st, bks, 0 if sw else MMA_PAD))),
              None) if tiles == "tc" else None
   fxn = _mma_fxn(S, a_t, b_t, A.dtype, *mma[2], mma[0], mma[1], mma[3]) if mma else _gemm_fxn(S, a_t, b_t, half, tiles)
-  C = C.custom_kernel(A.contiguous(), B.contiguous(), fxn=fxn, grad_fxn=grad_fxn)[0]
+  C = C.custom_kernel(*_c(A, B), fxn=fxn, grad_fxn=grad_fxn)[0]
   return C[0] if S == 1 else C.sum(0).cast(A.dtype)
 
 def linear_applies(x:Tensor) -> bool:
@@ -903,7 +903,7 @@ def linear(x:Tensor, w:Tensor) -> Tensor:
     return y[..., :N]
   def bwd(gy:UOp, call:UOp) -> tuple:
     _, x2, wc = (Tensor(u) for u in call.src[1:])
-    gy = Tensor(gy)[0].contiguous()
+    gy = _c(Tensor(gy).reshape(gy.shape[1:]))[0]
     return (None, _gemm(gy, wc, b_t=True).uop, _gemm(x2, gy, a_t=True).uop)
   return _gemm(x.reshape(-1, x.shape[-1]), w.cast(x.dtype), grad_fxn=bwd).reshape(*x.shape[:-1], w.shape[1])
 
