@@ -4,7 +4,7 @@ and widths that are no multiple of a tensor-core tile."""
 import numpy as np
 import pytest
 from tinygrad import Tensor
-import kernels
+import kernels, mc
 
 def _grads(fn, xa, wa, ga) -> list[np.ndarray]:
   x, w = Tensor(xa), Tensor(wa)
@@ -282,3 +282,14 @@ def test_store_hazards_memoized(monkeypatch):
     b.assign(b.flip(0) * 2).realize()
   assert len(asked) > 20 and sum(asked) >= 2 and not all(asked)
   assert np.array_equal(a.numpy(), np.arange(16).reshape(4, 4).T + 1) and np.array_equal(b.numpy(), np.arange(16).reshape(4, 4)[::-1] * 2)
+
+def test_kernel_output_not_copied():
+  # a kernel's output reshaped into the next kernel's input passes as it is (kernels._c): tinygrad copies it when a contiguous
+  # follows the view (the qkv projection's 50 MB into the conv, a layer at the gpu shape); an expression still gets realized
+  from tinygrad.uop.ops import Ops
+  x, w, cw = Tensor.randn(64, 32).realize(), Tensor.randn(32, 48).realize(), Tensor.randn(4, 48).realize()
+  def kernels_run(t:Tensor) -> list[str]: return [u.src[0].arg.name for u in t.linear_with_vars()[0].src if u.src[0].op is Ops.SINK]
+  assert kernels_run(kernels.causal_conv(kernels._gemm(x, w).reshape(2, 32, 48), cw)) == ["gemm", "conv"]
+  assert len(kernels_run(kernels.causal_conv((x @ w + 1).reshape(2, 32, 48), cw))) == 2
+  y = kernels.causal_conv(kernels._gemm(x, w).reshape(2, 32, 48), cw).numpy()
+  np.testing.assert_allclose(y, mc.causal_conv_ref((x @ w).reshape(2, 32, 48), cw).numpy(), rtol=1e-5, atol=1e-5)
