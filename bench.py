@@ -17,7 +17,8 @@ are imported here only, inside try, and run in a process of their own, so that e
 missing peer prints one line and the rows without it. Every time is the median of synchronised runs after a warm-up (TinyJit
 captures on its second call), under train.py's device defaults (NOOPT=1 PARALLEL=0 on the CPU).
 """
-import contextlib, dataclasses, functools, gc, inspect, io, json, math, re, statistics, sys, time, typing
+import contextlib, dataclasses, functools, gc, inspect, io, json, math, os, re, statistics, sys, time, typing
+from pathlib import Path
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
@@ -86,6 +87,7 @@ def kernel_times(fn) -> dict[str, tuple[float, int]]:
     with contextlib.redirect_stdout(buf := io.StringIO()), Context(DEBUG=2):
       Tensor.realize(*fn())
       Device[Device.DEFAULT].synchronize()
+  if log := os.environ.get("PROFILE_LOG"): Path(log).write_text(buf.getvalue())   # every launch's line in order, for a closer look
   res: dict[str, tuple[float, int]] = {}
   for line in buf.getvalue().splitlines():
     if m := re.match(r"\*\*\* \S+\s+\d+ (.*?) arg .* tm\s+([\d.]+)(us|ms|s)\s*/", re.sub(r"\x1b\[[0-9;]*m", "", line)):

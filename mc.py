@@ -614,8 +614,10 @@ class Block:
 
   def mlp(self, x:Tensor) -> Tensor:
     # the SwiGLU MLP with pre-RMSNorm and a residual
+    # h W1 and h W3 as one product (h read once; one kernel makes both halves' gradients, and one product takes them back to h)
     h = _rms(x, self.norm2, self.fused)
-    return x + _lin(_lin(h, self.w1, self.fused).silu() * _lin(h, self.w3, self.fused), self.w2, self.fused)
+    a, b = _lin(h, self.w1.cat(self.w3, dim=1), self.fused).chunk(2, dim=-1)
+    return x + _lin(a.silu() * b, self.w2, self.fused)
 
   def __call__(self, x:Tensor, st:dict|None=None, pos:Variable|None=None) -> Tensor: return self.mlp(self.mix(x, st, pos))
   # the parameters mix uses: all but the MLP's
