@@ -24,6 +24,8 @@ from tinygrad.codegen.opt import Opt, OptOps, KernelOptError
 from tinygrad.dtype import AddrSpace
 import tinygrad.codegen.opt.heuristic as _heuristic, tinygrad.engine.worker as _worker
 import tinygrad.schedule.rangeify as _rangeify, tinygrad.schedule.indexing as _indexing
+import tinygrad.codegen as _codegen, tinygrad.codegen.late.coalesce as _coalesce
+from tinygrad.renderer.cstyle import CUDARenderer as _CUDARenderer
 
 def applies(x:Tensor) -> bool:
   # the kernels take (B,H,L,D) inputs of any float dtype on any device; anything else runs mc.py's references
@@ -857,10 +859,12 @@ def _mma_fxn(S:int, a_t:bool, b_t:bool, dt, BM:int, BN:int, BK:int, prefetch:int
     return st.sink(arg=KernelInfo(name=f"mma{'_tn' * a_t}{'_nt' * b_t}", opts_to_apply=()))
   return fxn
 
-def _slices(K:int) -> int:
-  # split-K: slices of at least 512 along k, at most 16 of them
+SPLIT_BLOCKS = int(os.environ.get("SPLIT_BLOCKS", 0))   # > 0: split k only until the product has this many 128 x 128 tiles
+
+def _slices(K:int, MN:int=0) -> int:
+  # split-K: slices of at least 512 along k, at most 16 of them (SPLIT_BLOCKS: no more than an M x N product of MN outputs needs)
   S = 1
-  while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512: S *= 2
+  while S < 16 and K % (2 * S) == 0 and K // (2 * S) >= 512 and not (SPLIT_BLOCKS and MN * S >= SPLIT_BLOCKS * 128 * 128): S *= 2
   return S
 
 ROWS = 16   # up to this many rows a product is a decode step's: _rows_opts where the device has locals
@@ -874,7 +878,7 @@ def _tiles(A:Tensor, M:int) -> str:
 def _gemm(A:Tensor, B:Tensor, a_t:bool=False, b_t:bool=False, grad_fxn=None) -> Tensor:
   # (M, N) = A @ B in A's dtype with A (M, K) or, a_t, (K, M); B (K, N) or, b_t, (N, K)
   (K, M), N = (A.shape if a_t else A.shape[::-1]), (B.shape[0] if b_t else B.shape[1])
-  S = _slices(K) if a_t else 1
+  S = _slices(K, M * N) if a_t else 1
   C = Tensor.empty(S, M, N, dtype=dtypes.float if S > 1 else A.dtype, device=A.device)
   half, tiles = A.dtype in (dtypes.half, dtypes.bfloat16), _tiles(A, M)
   # the hand-written product where its tiles fit: MMA_PREFETCH's variant, else (async copies whose stages do not fit) prefetch 2
@@ -1216,6 +1220,31 @@ def _init_worker(init=_worker._init_worker):
 
 if WIDE_BLOCKS and _heuristic.hand_coded_optimizations.__name__ != "_wide":
   _heuristic.hand_coded_optimizations, _worker._init_worker = _wide, _init_worker
+
+# **** bfloat16 vectors ****
+# tinygrad 0.14's memory coalescing folds a thread's adjacent loads and stores into 8- or 16-byte vectors for float, half and the
+# integer types, but never for bfloat16: every bfloat16 value of an elementwise kernel moved alone, 2 bytes an instruction. On CUDA
+# bfloat16 joins them here: the coalescing pass runs with a view of dtypes that counts bfloat16 among the types it folds (its
+# code untouched), and the CUDA source names CUDA's own constructor for a pair (make_bfloat162; the renderer writes the 4- and
+# 8-wide structs itself). Alignment is the pass's own: a vector starts at a multiple of its width. BF16_VECTORS=0 keeps tinygrad's.
+BF16_VECTORS = int(os.environ.get("BF16_VECTORS", 1))
+
+class _FoldBF16:
+  fp8s = (*dtypes.fp8s, dtypes.bfloat16)   # the pass's list of types it folds ends with dtypes.fp8s
+  def __getattr__(self, name): return getattr(dtypes, name)
+
+_coalesce_bf16 = types.FunctionType(_coalesce.memory_coalescing.__code__, {**vars(_coalesce), "dtypes": _FoldBF16()})
+
+def _memory_coalescing(sink:UOp, ctx) -> UOp:
+  return (_coalesce_bf16 if isinstance(ctx, _CUDARenderer) else _coalesce.memory_coalescing)(sink, ctx)
+
+def _render_kernel(self, *args, **kwargs) -> str:
+  src = _cuda_render_kernel(self, *args, **kwargs)
+  return src.replace("#include <cuda_bf16.h>", "#include <cuda_bf16.h>\n#define make_nv_bfloat162 make_bfloat162", 1)
+
+_cuda_render_kernel = _CUDARenderer.render_kernel
+if BF16_VECTORS and _codegen.memory_coalescing is _coalesce.memory_coalescing:
+  _codegen.memory_coalescing, _CUDARenderer.render_kernel = _memory_coalescing, _render_kernel
 
 # **** store hazards, answered once per node ****
 # tinygrad 0.14's scheduler asks two questions of every store (an optimizer's assign, a buffer that a kernel writes): does its

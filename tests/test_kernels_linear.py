@@ -248,6 +248,27 @@ def test_mma_async_plan(monkeypatch, prefetch, stages, swizzle):
       smem = 4 * sum(int(n) for n in re.findall(r"__shared__ __align__\(16\) uint buf\d+\[(\d+)\]", src))
       if swizzle and N == 1536: assert smem == 3 * 4 * 2 * 128 * 16, smem
 
+def test_bf16_vectors(monkeypatch):
+  # kernels' BF16_VECTORS on a CUDA renderer: a bfloat16 elementwise kernel (the MLP's silu(a) * b at the gpu shape) moves its
+  # values as 4-wide vectors, where tinygrad's own pass moves each alone; the same kernel in float32 is untouched by it
+  import tinygrad.codegen as codegen
+  from tinygrad import dtypes
+  from tinygrad.helpers import Context
+  from tinygrad.uop.ops import Ops, KernelInfo
+  from tinygrad.codegen import full_rewrite_to_sink
+  from tinygrad.codegen.late.linearizer import linearize
+  ren = _cuda_renderer()
+  def source(dt) -> str:
+    a, b = (Tensor.empty(16384, 1376, dtype=dt) for _ in range(2))
+    ast = next(u for u in (a.silu() * b).contiguous().linear_with_vars()[0].toposort() if u.op is Ops.SINK and isinstance(u.arg, KernelInfo))
+    with Context(NOOPT=0): return ren.render(list(linearize(full_rewrite_to_sink(ast, ren))))   # (the CPU tests run NOOPT=1)
+  assert kernels.BF16_VECTORS and codegen.memory_coalescing is kernels._memory_coalescing
+  src = source(dtypes.bfloat16)
+  assert src.count("*((nv_bfloat164*)") == 3 and "make_bfloat162" in src, src   # two vector loads, one vector store
+  f32 = source(dtypes.float)
+  monkeypatch.setattr(codegen, "memory_coalescing", kernels._coalesce.memory_coalescing)
+  assert "nv_bfloat164" not in source(dtypes.bfloat16) and source(dtypes.float) == f32
+
 def test_store_hazards_memoized(monkeypatch):
   # kernels' memoized answers to tinygrad's two store-hazard questions against tinygrad's own walks, for every store of a small
   # titans+grm training step (optimizer assigns included) and of assigns that do read their buffer through a permute or flip.
