@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 from tinygrad import Context, Device, Tensor, TinyJit, Variable, dtypes
 from tinygrad.helpers import BEAM, JIT, NOOPT, PARALLEL
-from tinygrad.nn.optim import AdamW, OptimizerGroup
+from tinygrad.nn.optim import LAMB, OptimizerGroup
 from tinygrad.nn.state import get_state_dict
 import kernels
 from mc import MCConfig, Model
@@ -378,6 +378,21 @@ def lr_at(cfg:TrainConfig, step:int) -> float:
 
 # ***** training *****
 
+class AdamW(LAMB):
+  """tinygrad's AdamW, its state (m, v, b1_t, b2_t, lr) and arithmetic, stepped by kernels.adamw: one kernel a parameter that
+  updates p, m and v in place, with the gradient's clipping factor applied inside it."""
+  def __init__(self, params:list[Tensor], lr:float, b1:float, b2:float, weight_decay:float):
+    super().__init__(params, lr, b1, b2, 1e-8, weight_decay, adam=True)
+    self.m, self.v = ([t.contiguous().realize() for t in ts] for ts in (self.m, self.v))   # buffers, for the kernel to update
+
+  def schedule_clipped(self, scale:Tensor) -> list[Tensor]:
+    # the tensors to realize for one step on the gradients times scale (a (1,) float32 tensor)
+    self.b1_t.assign(self.b1_t * self.b1)
+    self.b2_t.assign(self.b2_t * self.b2)
+    c = (1.0 - self.b1_t).cat(1.0 - self.b2_t, scale.reshape(1), self.lr).contiguous()
+    return [self.b1_t, self.b2_t, *(kernels.adamw(p, m, v, p.grad, c, self.b1, self.b2, self.eps, self.wd)
+                                    for p, m, v in zip(self.params, self.m, self.v))]
+
 def make_optimizer(model:Model, cfg:TrainConfig) -> OptimizerGroup:
   # AdamW with weight decay on matrices only: norms, gate biases and other vectors keep their scale
   params = get_state_dict(model).values()
@@ -403,9 +418,9 @@ def make_step(model:Model, opt:OptimizerGroup, grad_clip:float):
     # all parameters into one kernel that walks every one (0.67 ms of the default step on an H100, 1.9 ms at the gpu preset's
     # shape), and a sum of its own per parameter got 512 threads walking 1376 values each (the MLP's, 12 launches at the gpu shape)
     gnorm = Tensor.stack(*[kernels.rowdot(g := p.grad.reshape(-1, p.shape[-1]), g).sum() for p in opt.params]).sum().sqrt()
-    for p in opt.params: p.grad = p.grad * (grad_clip / (gnorm + 1e-6)).minimum(1.0)
+    scale = (grad_clip / (gnorm + 1e-6)).minimum(1.0)
     row = history[i:i + 1].assign(Tensor.stack(loss.float(), gnorm).reshape(1, 2))
-    Tensor.realize(loss, gnorm, row, *opt.schedule_step())
+    Tensor.realize(loss, gnorm, row, *(x for o in opt.optimizers for x in o.schedule_clipped(scale)))
     return loss, gnorm
   step.history = history
   return step

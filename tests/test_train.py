@@ -286,3 +286,40 @@ def test_mqar_mixture():
   assert np.array_equal(x2, x3) and np.array_equal(y2, y3)
   for bad in ((64, 4, 128), (512, 4)):
     with pytest.raises(ValueError, match="--mqar_mix"): train.MQAR(dataclasses.replace(cfg, mqar_mix=bad), 0)
+
+@pytest.mark.parametrize("fields", [dict(), dict(core="titans", agg="soup"), dict(mixer="attn", agg="none")])
+def test_adamw_kernel_matches_tinygrad(fields):
+  # train.AdamW (kernels.adamw: one kernel a parameter, p, m and v updated in place, the clipping factor inside) against tinygrad's
+  # AdamW with the gradients scaled beforehand: three steps of a small model with the clipping active, every parameter and every
+  # optimizer state equal (same arithmetic, op for op), and the same state names (checkpoints of either load into the other)
+  import kernels
+  from tinygrad import Context, Tensor
+  from mc import MCConfig, Model
+  # (the tied embedding is read transposed by the head: kernels.adamw writes its new value to a buffer of its own and assigns it)
+  cfg = MCConfig(dim=64, n_layers=1, n_heads=2, segment=32, chunk=16, **fields)
+  tc = train.TrainConfig(model=cfg)
+  rng = np.random.default_rng(0)
+  x, y = (Tensor(rng.integers(0, 256, (4, 128), dtype=np.int32)).realize() for _ in range(2))
+  def run(ours:bool) -> dict:
+    Tensor.manual_seed(0)
+    lm = Model(cfg)
+    ps = list(get_state_dict(lm).values())
+    opt = train.make_optimizer(lm, tc) if ours else OptimizerGroup(*(AdamW([p for p in ps if (p.ndim > 1) == d], lr=tc.lr, b1=tc.b1,
+                                                                          b2=tc.b2, weight_decay=tc.weight_decay * d) for d in (True, False)))
+    Tensor.realize(*ps, *train.optim_state(opt).values())
+    step, lr = train.make_step(lm, opt, 0.05), Tensor([tc.lr]).realize()   # (a norm of 0.05: the clipping acts)
+    for i in range(3):
+      if ours: step(x, y, lr, train.slot(i))   # the jitted step as train.py runs it (captured at the second call)
+      else:
+        with Context(TRAINING=1):
+          opt.zero_grad()
+          loss = lm(x).sparse_categorical_crossentropy(y, ignore_index=-100).backward()
+          gnorm = Tensor.stack(*[kernels.rowdot(g := p.grad.reshape(-1, p.shape[-1]), g).sum() for p in opt.params]).sum().sqrt()
+          for p in opt.params: p.grad = p.grad * (0.05 / (gnorm + 1e-6)).minimum(1.0)
+          Tensor.realize(loss, *opt.schedule_step())
+    return {k: v.numpy() for k, v in {**get_state_dict(lm), **train.optim_state(opt)}.items()}
+  ours, ref = run(True), run(False)
+  assert ours.keys() == ref.keys()
+  for k in ref: np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  lazy = [Tensor.ones(4) + 1 for _ in range(5)]
+  with pytest.raises(ValueError, match="realized buffer"): kernels.adamw(*lazy, 0.9, 0.95, 1e-8, 0.1)
