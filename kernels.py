@@ -1172,16 +1172,16 @@ def logits(u:Tensor, p:Tensor) -> Tensor:
   return z.reshape(B, H, L, N)
 
 # **** AdamW ****
-# One parameter's AdamW step as one kernel that updates p, m and v in place. Through tinygrad's optimizer each parameter took four
-# kernels (m, v, the new p into a buffer of its own, a copy of it into p), the clipping factor applied in two of them: ~400 launches
-# at the gpu preset's shape. Same arithmetic as tinygrad's AdamW (LAMB with adam=True), op for op.
+# One parameter's AdamW step as one kernel: the new p into a buffer of its own, m and v updated in place, the gradient's clipping
+# factor applied inside; the new p is then assigned to p (a copy). Through tinygrad's optimizer each parameter took four kernels
+# (m, v, the new p, the copy), the clipping factor applied in two of them. Same arithmetic as tinygrad's AdamW (LAMB with
+# adam=True), op for op. (Written in place, p's update was lost for the tied embedding: tinygrad handed that kernel a copy of p to
+# write, which nothing read afterwards.)
 
 @functools.cache
-def _adamw_fxn(n:int, b1:float, b2:float, eps:float, wd:float, inplace:bool):
-  # c: (1 - b1^t, 1 - b2^t, the gradient's clipping factor, lr); inplace: p is the first buffer, else the new p goes to the first
-  # and p is read from the fourth
-  def fxn(*bufs:UOp) -> UOp:
-    (P, M, V, G, c), Pin = (bufs, bufs[0]) if inplace else (bufs[:3] + bufs[4:], bufs[3])
+def _adamw_fxn(n:int, b1:float, b2:float, eps:float, wd:float):
+  # c: (1 - b1^t, 1 - b2^t, the gradient's clipping factor, lr)
+  def fxn(P:UOp, M:UOp, V:UOp, Pin:UOp, G:UOp, c:UOp) -> UOp:
     i = UOp.range(n, 0)
     p, g = Pin.reshape(n)[i], G.reshape(n)[i] * c[2]
     m = b1 * M.reshape(n)[i] + (1.0 - b1) * g
@@ -1191,28 +1191,13 @@ def _adamw_fxn(n:int, b1:float, b2:float, eps:float, wd:float, inplace:bool):
     return st.sink(arg=KernelInfo(name="adamw"))
   return fxn
 
-_moves = weakref.WeakKeyDictionary()
-
-def _moved_reads(u:UOp) -> int:
-  # the leaves that u's graph reads through a PERMUTE, FLIP or SHRINK anywhere below it (CONTIGUOUS and kernel sources included)
-  def val(n, vs):
-    r = functools.reduce(operator.or_, (v[0] for v in vs), _bit(n) if n.op in _LEAVES else 0)
-    return r, functools.reduce(operator.or_, (v[1] for v in vs), r if n.op in (Ops.PERMUTE, Ops.FLIP, Ops.SHRINK) else 0)
-  return _memo(u, _moves, lambda n: n.src[1:] if n.op in (Ops.CALL, Ops.FUNCTION) else n.src, val)[1]
-
 def adamw(p:Tensor, m:Tensor, v:Tensor, g:Tensor, c:Tensor, b1:float, b2:float, eps:float, wd:float) -> Tensor:
   """AdamW on float32 p with moments m, v (realized buffers, updated in place) from gradient g; c (4,) float32: 1 - b1^t, 1 - b2^t,
-  a factor on g (gradient clipping) and the learning rate. Returns p after the step, the tensor to realize.
-  Where g's graph reads p through a transpose or a slice (a tied embedding read as the head's weights), tinygrad's store-hazard rule
-  hands a kernel that writes p a copy of p to write, where an in-place step would land unseen: there the new p goes to a buffer of
-  its own and is assigned to p (a copy)."""
-  for name, t in (("p", p), ("m", m), ("v", v)):
+  a factor on g (gradient clipping) and the learning rate. Returns p assigned its new value, the tensor to realize."""
+  for name, t in (("m", m), ("v", v)):
     if not t.uop.is_realized: raise ValueError(f"kernels.adamw: {name} {t.shape} must be a realized buffer (it is updated in place)")
-  g, c = _c(g, c)
-  inplace = not _moved_reads(g.uop) & _bit(p.uop.base)
-  fxn = _adamw_fxn(p.numel(), b1, b2, eps, wd, inplace)
-  if inplace: return Tensor.custom_kernel(p, m, v, g, c, fxn=fxn)[0]
-  return p.assign(Tensor.empty(*p.shape, device=p.device).custom_kernel(m, v, p, g, c, fxn=fxn)[0])
+  new = Tensor.empty(*p.shape, device=p.device).custom_kernel(m, v, *_c(p, g, c), fxn=_adamw_fxn(p.numel(), b1, b2, eps, wd))[0]
+  return p.assign(new)
 
 # **** wide blocks ****
 # tinygrad 0.14's heuristic gives an elementwise kernel over one flat axis blocks of 32 threads. A GPU then holds half the threads

@@ -379,8 +379,8 @@ def lr_at(cfg:TrainConfig, step:int) -> float:
 # ***** training *****
 
 class AdamW(LAMB):
-  """tinygrad's AdamW, its state (m, v, b1_t, b2_t, lr) and arithmetic, stepped by kernels.adamw: one kernel a parameter that
-  updates p, m and v in place, with the gradient's clipping factor applied inside it."""
+  """tinygrad's AdamW, its state (m, v, b1_t, b2_t, lr) and arithmetic, stepped by kernels.adamw: one kernel a parameter (m and v
+  updated in place, the gradient's clipping factor applied inside it) and the new p's copy into p."""
   def __init__(self, params:list[Tensor], lr:float, b1:float, b2:float, weight_decay:float):
     super().__init__(params, lr, b1, b2, 1e-8, weight_decay, adam=True)
     self.m, self.v = ([t.contiguous().realize() for t in ts] for ts in (self.m, self.v))   # buffers, for the kernel to update
