@@ -1172,32 +1172,31 @@ def logits(u:Tensor, p:Tensor) -> Tensor:
   return z.reshape(B, H, L, N)
 
 # **** AdamW ****
-# One parameter's AdamW step as one kernel: the new p into a buffer of its own, m and v updated in place, the gradient's clipping
-# factor applied inside; the new p is then assigned to p (a copy). Through tinygrad's optimizer each parameter took four kernels
-# (m, v, the new p, the copy), the clipping factor applied in two of them. Same arithmetic as tinygrad's AdamW (LAMB with
-# adam=True), op for op. (Written in place, p's update was lost for the tied embedding: tinygrad handed that kernel a copy of p to
-# write, which nothing read afterwards.)
+# One parameter's AdamW step as one kernel that updates p, m and v in place, the gradient's clipping factor applied inside. Through
+# tinygrad's optimizer each parameter took four kernels (m, v, the new p into a buffer of its own, its copy into p), the clipping
+# factor applied in two of them. Same arithmetic as tinygrad's AdamW (LAMB with adam=True), op for op. The kernel is given the
+# buffers themselves (uop.base): given the parameter tensors, the tied embedding's step was lost at dim 64 (tinygrad had the kernel
+# write a copy of it that nothing read afterwards; tests/test_train.py::test_adamw_kernel_matches_tinygrad).
 
 @functools.cache
 def _adamw_fxn(n:int, b1:float, b2:float, eps:float, wd:float):
   # c: (1 - b1^t, 1 - b2^t, the gradient's clipping factor, lr)
-  def fxn(P:UOp, M:UOp, V:UOp, Pin:UOp, G:UOp, c:UOp) -> UOp:
+  def fxn(P:UOp, M:UOp, V:UOp, G:UOp, c:UOp) -> UOp:
     i = UOp.range(n, 0)
-    p, g = Pin.reshape(n)[i], G.reshape(n)[i] * c[2]
-    m = b1 * M.reshape(n)[i] + (1.0 - b1) * g
-    v = b2 * V.reshape(n)[i] + (1.0 - b2) * (g * g)
+    p, g = P[i], G.reshape(n)[i] * c[2]
+    m = b1 * M[i] + (1.0 - b1) * g
+    v = b2 * V[i] + (1.0 - b2) * (g * g)
     new = p - c[3] * ((m / c[0]) / ((v / c[1]).sqrt() + eps) + wd * p)
-    st = UOp.group(P.reshape(n)[i].store(new), M.reshape(n)[i].store(m), V.reshape(n)[i].store(v)).end(i)
-    return st.sink(arg=KernelInfo(name="adamw"))
+    return UOp.group(P[i].store(new), M[i].store(m), V[i].store(v)).end(i).sink(arg=KernelInfo(name="adamw"))
   return fxn
 
-def adamw(p:Tensor, m:Tensor, v:Tensor, g:Tensor, c:Tensor, b1:float, b2:float, eps:float, wd:float) -> Tensor:
-  """AdamW on float32 p with moments m, v (realized buffers, updated in place) from gradient g; c (4,) float32: 1 - b1^t, 1 - b2^t,
-  a factor on g (gradient clipping) and the learning rate. Returns p assigned its new value, the tensor to realize."""
-  for name, t in (("m", m), ("v", v)):
+def adamw(p:Tensor, m:Tensor, v:Tensor, g:Tensor, c:Tensor, b1:float, b2:float, eps:float, wd:float) -> list[Tensor]:
+  """AdamW on float32 p with moments m, v (realized buffers, all three updated in place) from gradient g; c (4,) float32:
+  1 - b1^t, 1 - b2^t, a factor on g (gradient clipping) and the learning rate. Returns the buffers after the step, to realize."""
+  for name, t in (("p", p), ("m", m), ("v", v)):
     if not t.uop.is_realized: raise ValueError(f"kernels.adamw: {name} {t.shape} must be a realized buffer (it is updated in place)")
-  new = Tensor.empty(*p.shape, device=p.device).custom_kernel(m, v, *_c(p, g, c), fxn=_adamw_fxn(p.numel(), b1, b2, eps, wd))[0]
-  return p.assign(new)
+  flat = [Tensor(t.uop.base) for t in (p, m, v)]   # the buffers themselves, not views of them
+  return Tensor.custom_kernel(*flat, *_c(g, c), fxn=_adamw_fxn(p.numel(), b1, b2, eps, wd))[:3]
 
 # **** wide blocks ****
 # tinygrad 0.14's heuristic gives an elementwise kernel over one flat axis blocks of 32 threads. A GPU then holds half the threads

@@ -379,8 +379,8 @@ def lr_at(cfg:TrainConfig, step:int) -> float:
 # ***** training *****
 
 class AdamW(LAMB):
-  """tinygrad's AdamW, its state (m, v, b1_t, b2_t, lr) and arithmetic, stepped by kernels.adamw: one kernel a parameter (m and v
-  updated in place, the gradient's clipping factor applied inside it) and the new p's copy into p."""
+  """tinygrad's AdamW, its state (m, v, b1_t, b2_t, lr) and arithmetic, stepped by kernels.adamw: one kernel a parameter that
+  updates p, m and v in place, with the gradient's clipping factor applied inside it."""
   def __init__(self, params:list[Tensor], lr:float, b1:float, b2:float, weight_decay:float):
     super().__init__(params, lr, b1, b2, 1e-8, weight_decay, adam=True)
     self.m, self.v = ([t.contiguous().realize() for t in ts] for ts in (self.m, self.v))   # buffers, for the kernel to update
@@ -390,8 +390,8 @@ class AdamW(LAMB):
     self.b1_t.assign(self.b1_t * self.b1)
     self.b2_t.assign(self.b2_t * self.b2)
     c = (1.0 - self.b1_t).cat(1.0 - self.b2_t, scale.reshape(1), self.lr).contiguous()
-    return [self.b1_t, self.b2_t, *(kernels.adamw(p, m, v, p.grad, c, self.b1, self.b2, self.eps, self.wd)
-                                    for p, m, v in zip(self.params, self.m, self.v))]
+    return [self.b1_t, self.b2_t, *(x for p, m, v in zip(self.params, self.m, self.v)
+                                    for x in kernels.adamw(p, m, v, p.grad, c, self.b1, self.b2, self.eps, self.wd))]
 
 def make_optimizer(model:Model, cfg:TrainConfig) -> OptimizerGroup:
   # AdamW with weight decay on matrices only: norms, gate biases and other vectors keep their scale

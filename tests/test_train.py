@@ -289,13 +289,13 @@ def test_mqar_mixture():
 
 @pytest.mark.parametrize("fields", [dict(), dict(core="titans", agg="soup"), dict(mixer="attn", agg="none")])
 def test_adamw_kernel_matches_tinygrad(fields):
-  # train.AdamW (kernels.adamw: one kernel a parameter, m and v updated in place, the clipping factor inside) against tinygrad's
+  # train.AdamW (kernels.adamw: one kernel a parameter, p, m and v updated in place, the clipping factor inside) against tinygrad's
   # AdamW with the gradients scaled beforehand: three steps of a small model with the clipping active, every parameter and every
   # optimizer state equal (same arithmetic, op for op), and the same state names (checkpoints of either load into the other)
   import kernels
   from tinygrad import Context, Tensor
   from mc import MCConfig, Model
-  # (dim 64 and 4 x 128 tokens: here an update written into p in place was lost for the tied embedding)
+  # (dim 64 and 4 x 128 tokens: given the parameter tensors rather than their buffers, the embedding's step was lost here)
   cfg = MCConfig(dim=64, n_layers=1, n_heads=2, segment=32, chunk=16, **fields)
   tc = train.TrainConfig(model=cfg)
   rng = np.random.default_rng(0)
@@ -321,5 +321,5 @@ def test_adamw_kernel_matches_tinygrad(fields):
   ours, ref = run(True), run(False)
   assert ours.keys() == ref.keys()
   for k in ref: np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
-  lazy = [Tensor.ones(4) + 1 for _ in range(5)]   # (m, v not realized)
+  lazy = [Tensor.ones(4) + 1 for _ in range(5)]
   with pytest.raises(ValueError, match="realized buffer"): kernels.adamw(*lazy, 0.9, 0.95, 1e-8, 0.1)
